@@ -1,0 +1,285 @@
+"""A decoder-only transformer whose positional scheme is a plug-in (see ``positional.py``).
+
+Token embedding -> n_layer pre-norm blocks (causal self-attention, GELU MLP) -> final norm -> LM head, tied to
+the embedding by default. Attention goes through ``F.scaled_dot_product_attention`` (fused kernels on CPU and
+CUDA); schemes that add to the scores use the same call with an additive mask, computed in blocks of queries so
+memory stays bounded at long lengths. ``attention=linear`` is RoFormer's section 3.3: causal linear attention
+with an elu+1 feature map, RoPE on the mapped queries/keys in the numerator and the unrotated ones in the
+normaliser.
+
+The forward takes an ``offset`` (or explicit ``positions``) and an optional :class:`KVCache`, so a window in the
+middle of a document, or token-by-token decoding, gives the same logits as one full forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from roformer.positional import PosConfig, PosContext, PositionalScheme, build_positional
+
+
+class AttentionKind(str, Enum):
+    softmax = "softmax"
+    linear = "linear"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer."""
+
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    # hidden width of the MLP as a multiple of d_model
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # biases in linear layers and norms (GPT-2 had them; off is faster and as good)
+    bias: bool = False
+    # LM head shares the token embedding matrix
+    tie_embeddings: bool = True
+    attention: AttentionKind = AttentionKind.softmax
+    # additive-bias path: queries per block (bounds memory at long lengths: H x block x keys floats)
+    bias_block: int = 512
+    # linear attention: chunk length of the chunked causal scan
+    linear_chunk: int = 64
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "bias_block", "linear_chunk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                "pick n_head among the divisors of d_model"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be positive")
+        self.attention = AttentionKind(self.attention)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class KVCache:
+    """Per-layer keys/values (softmax) or running state (linear) of the tokens seen so far, with positions."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.positions: torch.Tensor | None = None  # (S,) positions of cached keys
+        self.n_pos = 0  # 1 + largest cached position
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.numel()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, pos: PositionalScheme, ctx: PosContext, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,D)
+        if self.cfg.attention == AttentionKind.linear:
+            y = self._linear(q, k, v, pos, ctx, cache)
+        else:
+            q, k, v = pos.rotate(q, k, v, ctx)
+            if cache is not None:
+                if self.layer in cache.layers:
+                    k0, v0 = cache.layers[self.layer]
+                    k, v = torch.cat((k0, k), dim=2), torch.cat((v0, v), dim=2)  # (B, H, S, D)
+                cache.layers[self.layer] = (k, v)
+            y = self._softmax(q, k, v, pos, ctx)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _softmax(self, q, k, v, pos, ctx):
+        p = self.cfg.dropout if self.training else 0.0
+        if not pos.has_bias:
+            if ctx.is_causal:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=p)
+        # Additive bias: one block of queries at a time, so the (H, block, S) bias is all that is materialised.
+        T, blk, out = q.shape[2], self.cfg.bias_block, []
+        for s in range(0, T, blk):
+            idx = slice(s, min(s + blk, T))
+            bias = pos.bias(q[:, :, idx], ctx, self.layer, idx)
+            allowed = ctx.k_pos[None, :] <= ctx.q_pos[idx, None]  # (t, S)
+            bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+            out.append(F.scaled_dot_product_attention(q[:, :, idx], k, v, attn_mask=bias, dropout_p=p))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def _linear(self, q, k, v, pos, ctx, cache):
+        """Causal linear attention, chunked: exact within a chunk, running sums (state) across chunks.
+
+        num_m = sum_{n<=m} (R_m phi(q_m))^T (R_n phi(k_n)) v_n,  den_m = sum_{n<=m} phi(q_m)^T phi(k_n).
+        Computed in fp32: the running sums would lose too much in bf16.
+        """
+        dtype = q.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf, kf, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
+            fctx = PosContext(ctx.q_pos, ctx.k_pos, ctx.n_pos,
+                              cos=None if ctx.cos is None else ctx.cos.float(),
+                              sin=None if ctx.sin is None else ctx.sin.float())
+            qr, kr, v = pos.rotate(qf, kf, v, fctx)
+            B, H, T, D = qf.shape
+            if cache is not None and self.layer in cache.layers:
+                S0, z0 = cache.layers[self.layer]
+            else:
+                S0, z0 = qf.new_zeros(B, H, D, D), qf.new_zeros(B, H, D)
+            C = self.cfg.linear_chunk
+            N = math.ceil(T / C)
+            pad = N * C - T
+
+            def chunks(t):  # (B, H, T, D) -> (B, H, N, C, D), zero padded (zeros add nothing to the sums)
+                return F.pad(t, (0, 0, 0, pad)).view(B, H, N, C, t.shape[-1])
+
+            qr_, kr_, qf_, kf_, v_ = map(chunks, (qr, kr, qf, kf, v))
+            tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+            # state entering each chunk: S0 + sum of the previous chunks' kr^T v (exclusive cumulative sum)
+            kv = kr_.transpose(-1, -2) @ v_  # (B, H, N, D, D)
+            ksum = kf_.sum(dim=3)  # (B, H, N, D)
+            S_in = S0[:, :, None] + kv.cumsum(dim=2) - kv
+            z_in = z0[:, :, None] + ksum.cumsum(dim=2) - ksum
+            num = qr_ @ S_in + ((qr_ @ kr_.transpose(-1, -2)) * tri) @ v_  # (B, H, N, C, D)
+            den = (qf_ @ z_in.unsqueeze(-1)).squeeze(-1) + ((qf_ @ kf_.transpose(-1, -2)) * tri).sum(-1)
+            y = (num / den.clamp_min(1e-6).unsqueeze(-1)).view(B, H, N * C, D)[:, :, :T]
+            if cache is not None:
+                cache.layers[self.layer] = (S_in[:, :, -1] + kv[:, :, -1], z_in[:, :, -1] + ksum[:, :, -1])
+        return y.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos, ctx, cache):
+        x = x + self.drop(self.attn(self.ln_1(x), pos, ctx, cache))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, pos_cfg: PosConfig):
+        super().__init__()
+        self.cfg, self.pos_cfg = cfg, pos_cfg
+        self.pos = build_positional(pos_cfg, d_model=cfg.d_model, n_head=cfg.n_head, n_layer=cfg.n_layer)
+        if cfg.attention == AttentionKind.linear and not self.pos.supports_linear:
+            raise ValueError(
+                f"model.attention=linear cannot use pos={pos_cfg.name} (it adds to an attention matrix that linear "
+                "attention never forms); use rope, nope, sinusoidal or learned"
+            )
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; tied weights are counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 n_layer seq_len d_model (attention)."""
+        n = self.num_params() - sum(p.numel() for p in self.pos.parameters())
+        if not self.cfg.tie_embeddings:  # the input embedding is a lookup, not a matmul
+            n -= self.wte.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        offset: int | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, with targets, the cross-entropy loss.
+
+        Positions of idx are ``positions`` (T,) if given, else ``offset + arange(T)`` where offset defaults to
+        the cache's length. With a cache, keys are the cached ones followed by these, and the cache grows.
+        """
+        B, T = idx.shape
+        dev = idx.device
+        if positions is None:
+            start = (cache.n_pos if cache is not None else 0) if offset is None else offset
+            q_pos = torch.arange(start, start + T, device=dev)
+            n_pos = start + T
+        else:
+            q_pos = positions.to(dev)
+            n_pos = int(q_pos.max()) + 1
+        cached = cache is not None and len(cache) > 0
+        k_pos = torch.cat((cache.positions, q_pos)) if cached else q_pos
+        if cached:
+            n_pos = max(n_pos, cache.n_pos)
+        ctx = self.pos.context(q_pos, k_pos, n_pos, torch.get_autocast_dtype(dev.type)
+                               if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype)
+        # The fused causal kernel applies when the keys are exactly the queries in increasing order; a lone
+        # query after a cache sees every key. Anything else gets an explicit boolean mask from the positions.
+        contiguous = positions is None
+        if contiguous and not cached:
+            ctx.is_causal = True
+        elif contiguous and T == 1:
+            ctx.is_causal, ctx.mask = False, None
+        else:
+            ctx.is_causal, ctx.mask = False, k_pos[None, :] <= q_pos[:, None]
+
+        x = self.drop(self.pos.embed(self.wte(idx), ctx))
+        for block in self.blocks:
+            x = block(x, self.pos, ctx, cache)
+        logits = self.lm_head(self.ln_f(x))
+        if cache is not None:
+            cache.positions, cache.n_pos = k_pos, n_pos
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   reduction=reduction)
+            if reduction == "none":
+                loss = loss.view(B, T)
+        return logits, loss
