@@ -131,9 +131,13 @@ class CausalSelfAttention(nn.Module):
         dtype = q.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
             qf, kf, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
-            fctx = PosContext(ctx.q_pos, ctx.k_pos, ctx.n_pos,
-                              cos=None if ctx.cos is None else ctx.cos.float(),
-                              sin=None if ctx.sin is None else ctx.sin.float())
+            fctx = PosContext(
+                ctx.q_pos,
+                ctx.k_pos,
+                ctx.n_pos,
+                cos=None if ctx.cos is None else ctx.cos.float(),
+                sin=None if ctx.sin is None else ctx.sin.float(),
+            )
             qr, kr, v = pos.rotate(qf, kf, v, fctx)
             B, H, T, D = qf.shape
             if cache is not None and self.layer in cache.layers:
@@ -258,8 +262,12 @@ class TransformerLM(nn.Module):
         k_pos = torch.cat((cache.positions, q_pos)) if cached else q_pos
         if cached:
             n_pos = max(n_pos, cache.n_pos)
-        ctx = self.pos.context(q_pos, k_pos, n_pos, torch.get_autocast_dtype(dev.type)
-                               if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype)
+        ctx = self.pos.context(
+            q_pos,
+            k_pos,
+            n_pos,
+            torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype,
+        )
         # The fused causal kernel applies when the keys are exactly the queries in increasing order; a lone
         # query after a cache sees every key. Anything else gets an explicit boolean mask from the positions.
         contiguous = positions is None
@@ -278,8 +286,7 @@ class TransformerLM(nn.Module):
             cache.positions, cache.n_pos = k_pos, n_pos
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   reduction=reduction)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
             if reduction == "none":
                 loss = loss.view(B, T)
         return logits, loss

@@ -359,9 +359,10 @@ def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.T
     max_distance, and the last bucket beyond."""
     n = rel.clamp(min=0)
     exact = num_buckets // 2
-    logb = exact + (
-        torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).long()
+    logb = (
+        exact
+        + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)).long()
+    )
     logb = logb.clamp(max=num_buckets - 1)
     return torch.where(n < exact, n, logb)
 

@@ -1,0 +1,195 @@
+"""The transformer with every scheme and both attention kinds: causality, caches, lengths, learning."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from roformer.model import AttentionKind, CausalSelfAttention, KVCache, ModelConfig, TransformerLM
+from roformer.positional import SCHEMES, PosConfig, PositionOutOfRange, build_positional
+
+TRAIN_LEN = 24
+LINEAR_OK = ["rope", "nope", "sinusoidal", "learned"]
+CASES = [(s, "softmax") for s in sorted(SCHEMES)] + [(s, "linear") for s in LINEAR_OK]
+
+
+def tiny(name, attention="softmax", seed=0, **model_kw):
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=64, n_layer=2, n_head=4, d_model=32, bias_block=7, linear_chunk=5)
+    cfg = ModelConfig(attention=attention, **{**shape, **model_kw})
+    return TransformerLM(cfg, PosConfig(name=name, max_len=TRAIN_LEN))
+
+
+@pytest.mark.parametrize("name, attention", CASES)
+def test_causal(name, attention):
+    model = tiny(name, attention).eval()
+    x = torch.randint(0, 64, (2, TRAIN_LEN))
+    base, _ = model(x)
+    for t in (0, 9, TRAIN_LEN - 2):
+        x2 = x.clone()
+        x2[:, t + 1] = (x2[:, t + 1] + 1) % 64
+        logits, _ = model(x2)
+        assert torch.allclose(logits[:, : t + 1], base[:, : t + 1], atol=1e-5)
+        assert not torch.allclose(logits[:, t + 1], base[:, t + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, attention", CASES)
+def test_cache_and_windows_match_full_forward(name, attention):
+    model = tiny(name, attention).eval()
+    x = torch.randint(0, 64, (2, TRAIN_LEN))
+    full, _ = model(x)
+    cache, pieces = KVCache(), []
+    pieces.append(model(x[:, :5], cache=cache)[0])  # a prompt, then token by token
+    for t in range(5, 15):
+        pieces.append(model(x[:, t : t + 1], cache=cache)[0])
+    pieces.append(model(x[:, 15:], cache=cache)[0])  # then a block of several tokens after the cache
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+    assert len(cache) == TRAIN_LEN and cache.n_pos == TRAIN_LEN
+    # explicit positions and an offset say the same thing
+    a, _ = model(x[:, 8:16], offset=8)
+    b, _ = model(x[:, 8:16], positions=torch.arange(8, 16))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name, attention", CASES)
+def test_forward_backward_at_train_length_and_4x(name, attention):
+    model = tiny(name, attention)
+    for T in (TRAIN_LEN, 4 * TRAIN_LEN):
+        x = torch.randint(0, 64, (2, T))
+        if name == "learned" and T > TRAIN_LEN:
+            with pytest.raises(PositionOutOfRange, match=f"size pos.max_len={TRAIN_LEN}"):
+                model(x, x)
+            continue
+        model.zero_grad()
+        logits, loss = model(x, x)
+        assert logits.shape == (2, T, 64) and torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert model.wte.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, attention", CASES)
+def test_overfits_a_tiny_batch(name, attention):
+    model = tiny(name, attention)
+    torch.manual_seed(1)
+    x = torch.randint(0, 64, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(80):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > math.log(64) - 0.5  # started near chance
+    assert loss.item() < 0.3, f"{name}/{attention} did not memorise: {loss.item():.3f}"
+
+
+def naive_attention(q, k, v, bias=None):
+    """Textbook softmax attention with a causal mask, float64."""
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.double()
+    T = q.shape[-2]
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return s.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("name", ["rope", "alibi", "relative", "t5", "nope"])
+def test_attention_layer_matches_textbook(name):
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=8, n_layer=1, n_head=2, d_model=16, bias_block=3)
+    pos = build_positional(PosConfig(name=name), d_model=16, n_head=2, n_layer=1)
+    if name == "t5":
+        torch.nn.init.normal_(pos.buckets.weight)
+    attn = CausalSelfAttention(cfg, 0)
+    x = torch.randn(1, 10, 16)
+    p = torch.arange(10)
+    ctx = pos.context(p, p, 10, torch.float32)
+    got = attn(x, pos, ctx, None)
+    q, k, v = attn.qkv(x).view(1, 10, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = pos.rotate(q, k, v, ctx)
+    bias = pos.bias(q, ctx, 0, slice(0, 10))
+    y = naive_attention(q, k, v, bias).float()
+    ref = attn.proj(y.transpose(1, 2).reshape(1, 10, 16))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def naive_linear_rope(q, k, v, cos, sin, rope):
+    """RoFormer eq. (19) literally: O(T^2) sums, numerator rotated, denominator not."""
+    fq, fk = F.elu(q.double()) + 1, F.elu(k.double()) + 1
+    rq, rk = rope.apply_rotary(fq, cos.double(), sin.double()), rope.apply_rotary(fk, cos.double(), sin.double())
+    T = q.shape[-2]
+    out = torch.zeros_like(fq)
+    for m in range(T):
+        num = sum((rq[..., m, :] * rk[..., n, :]).sum(-1, keepdim=True) * v[..., n, :].double() for n in range(m + 1))
+        den = sum((fq[..., m, :] * fk[..., n, :]).sum(-1, keepdim=True) for n in range(m + 1))
+        out[..., m, :] = num / den
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_linear_attention_matches_roformer_formula(chunk):
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=8, n_layer=1, n_head=2, d_model=16, attention="linear", linear_chunk=chunk)
+    rope = build_positional(PosConfig(name="rope"), d_model=16, n_head=2, n_layer=1)
+    attn = CausalSelfAttention(cfg, 0)
+    x = torch.randn(2, 11, 16)
+    p = torch.arange(11)
+    ctx = rope.context(p, p, 11, torch.float32)
+    got = attn(x, rope, ctx, None)
+    q, k, v = attn.qkv(x).view(2, 11, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    y = naive_linear_rope(q, k, v, ctx.cos, ctx.sin, rope).float()
+    ref = attn.proj(y.transpose(1, 2).reshape(2, 11, 16))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_attention_rejects_bias_schemes():
+    with pytest.raises(ValueError, match="model.attention=linear cannot use pos=alibi"):
+        tiny("alibi", "linear")
+
+
+def test_bias_blocks_do_not_change_the_result():
+    x = torch.randint(0, 64, (1, 40))
+    out = [tiny("alibi", bias_block=b)(x)[0] for b in (1, 7, 40, 1000)]
+    for o in out[1:]:
+        torch.testing.assert_close(o, out[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_forward_runs_and_is_close():
+    model = tiny("rope").eval()
+    x = torch.randint(0, 64, (2, TRAIN_LEN))
+    ref, _ = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = model(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.1
+
+
+def test_tied_head_and_flops():
+    model = tiny("rope")
+    assert model.lm_head.weight is model.wte.weight
+    ref = TransformerLM(ModelConfig(vocab_size=8192, n_layer=4, n_head=4, d_model=256), PosConfig(name="rope"))
+    # the reference CPU shape of the performance issue: about 34.6 MFLOP per token at seq_len 256
+    assert ref.flops_per_token(256) == pytest.approx(34.6e6, rel=2e-3)
+    assert ref.num_params() == 8192 * 256 + 4 * (12 * 256 * 256 + 2 * 256) + 256
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"d_model": 30, "n_head": 4}, "model.d_model=30 is not divisible by model.n_head=4"),
+        ({"n_layer": 0}, "model.n_layer=0 must be a positive integer"),
+        ({"dropout": 1.0}, "model.dropout=1.0"),
+        ({"attention": "quadratic"}, "quadratic"),
+    ],
+)
+def test_bad_model_config(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ModelConfig(**kwargs)
+
+
+def test_attention_kind_accepts_strings():
+    assert ModelConfig(attention="linear").attention is AttentionKind.linear
