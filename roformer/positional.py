@@ -218,9 +218,11 @@ class RoPE(PositionalScheme):
 
     def cos_sin(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 cos/sin for positions 0 .. >= n-1 (grows on demand)."""
-        dynamic = self.cfg.scaling == RopeScaling.dynamic_ntk
-        # dynamic NTK depends on the current length, so its table is rebuilt for each new length
-        key = (n if dynamic else None, str(device))
+        c = self.cfg
+        dynamic = c.scaling == RopeScaling.dynamic_ntk
+        # The table depends on the scaling settings (which evaluation may change between lengths) and, for
+        # dynamic NTK, on the current length itself.
+        key = (n if dynamic else None, str(device), c.base, c.scaling, c.scaling_factor, c.original_len)
         if self.cos_cached.shape[0] < n or self._cache_key != key:
             size = n if dynamic else max(n, 2 * self.cos_cached.shape[0], 256)
             with torch.autocast(device_type=torch.device(device).type, enabled=False):
