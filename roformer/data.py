@@ -651,7 +651,7 @@ def auto_split_indices(n: int, validation_fraction: float, test_fraction: float,
     fractions = {"validation": validation_fraction, "test": test_fraction}
     sizes = {s: max(1, round(n * fractions[s])) for s in need}
     if n - sum(sizes.values()) < 1:
-        raise DataError(f"{n} documents are too few to carve {', '.join(need)} from train; "
+        raise DataError(f"too few documents ({n}) to carve {', '.join(need)} from train; "
                         f"give the split explicitly or add documents")
     perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
     out, start = {}, 0
@@ -1025,10 +1025,12 @@ def _open_valid(cache: Path, key: str) -> PreparedData | None:
 def _wait_for_cache(cache: Path, key: str, timeout: float, poll: float = 2.0) -> PreparedData:
     log.info("waiting for rank 0 to build %s", cache)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(poll)
+    while True:
         found = _open_valid(cache, key)
         if found is not None:
             return found
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
     raise DataError(f"waited {timeout:.0f}s for rank 0 to build the token cache {cache}; "
                     f"check rank 0's log or run scripts/prepare_data.py first")
