@@ -1,0 +1,182 @@
+"""Self-describing checkpoints, written atomically.
+
+A checkpoint is one ``torch.save`` file holding a dict (see :data:`FORMAT`):
+
+* ``format``          ``{"name": "roformer-checkpoint", "version": 1}``
+* ``model_cfg``, ``pos_cfg``, ``data_cfg``, ``train_cfg``   resolved configs as plain dicts (enums as strings)
+* ``tokenizer_json``  the tokenizer, serialised (``tokenizers.Tokenizer.from_str`` restores it)
+* ``model``           state_dict; ``optimizer``, ``scheduler``, ``scaler`` (fp16 only) states
+* ``rng``             python, numpy, torch CPU and CUDA generator states; ``sampler`` the data sampler's state
+* ``step``, ``tokens_seen``, ``best_val_loss``, ``wandb_run_id``, ``metrics`` (last ``val/loss``, ``val/ppl``)
+
+A run folder keeps ``checkpoints/last.pt``, ``checkpoints/best.pt`` (lowest validation loss) and the last k
+``checkpoints/step_XXXXXX.pt``; last/best are hard links to a step file where the filesystem allows.
+
+Files are loaded with ``weights_only=True`` (no arbitrary code runs while unpickling); anything that is not
+such a checkpoint, including a truncated file, raises :class:`CheckpointError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roformer.model import ModelConfig, TransformerLM
+from roformer.positional import PosConfig
+
+FORMAT = {"name": "roformer-checkpoint", "version": 1}
+LAST, BEST = "last.pt", "best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read as asked."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run folder (-> checkpoints/last.pt) or a checkpoints folder (-> last.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / LAST, p / LAST):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"{p} is a folder without checkpoints/{LAST}; give a checkpoint file or a run folder")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    return p
+
+
+def _nonfinite(state: Mapping) -> list[str]:
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash at any point leaves either the old file or the new one, never a partial one. Refuses (with
+    :class:`CheckpointError`) to write model weights that are not finite.
+    """
+    path = Path(path)
+    bad = _nonfinite(payload.get("model", {}))
+    if bad:
+        raise CheckpointError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
+    payload = {"format": dict(FORMAT), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same checkpoint as ``src`` atomically (hard link where possible, else a copy)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def _safe_globals() -> list:
+    # numpy arrays and scalars may appear in the RNG and sampler states
+    out: list = [np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+
+        out += [_reconstruct, scalar]
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+
+        out += [_reconstruct, scalar]
+    out += [type(np.dtype(t)) for t in ("uint8", "uint16", "uint32", "int32", "int64", "uint64", "float32",
+                                        "float64", "bool")]
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (a file, or a run folder for its last.pt)."""
+    p = resolve_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, ...: one line, no unpickling traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{p} is not a readable roformer checkpoint (truncated, corrupted or another format): {reason[:200]}"
+        ) from None
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT["name"]:
+        raise CheckpointError(f"{p} is not a roformer checkpoint (no '{FORMAT['name']}' format marker)")
+    if fmt.get("version", 0) > FORMAT["version"]:
+        raise CheckpointError(
+            f"{p} has checkpoint format version {fmt.get('version')}, newer than this code's {FORMAT['version']}; "
+            "update roformer"
+        )
+    return ckpt
+
+
+def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, PosConfig]:
+    return ModelConfig(**ckpt["model_cfg"]), PosConfig(**ckpt["pos_cfg"])
+
+
+def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") -> TransformerLM:
+    """Rebuild the model from a checkpoint (dict or path) and load its weights, in eval mode."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt, map_location=map_location)
+    model = TransformerLM(*configs_from_checkpoint(ckpt))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def config_diff(saved: Mapping, current: Mapping, prefix: str) -> list[str]:
+    """``prefix.key=saved -> current`` for every key whose value differs."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, float) and isinstance(b, float) and (a == b or math.isclose(a, b)):
+            continue
+        if a != b:
+            out.append(f"{prefix}.{k}={a} (checkpoint) vs {b} (this run)")
+    return out
+
+
+def prune_step_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``step_XXXXXX.pt`` files (last/best are separate links)."""
+    steps = sorted(folder.glob("step_*.pt"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        old.unlink(missing_ok=True)
