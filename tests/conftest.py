@@ -1,0 +1,112 @@
+"""Shared fixtures: the real Hydra configs composed and shrunk, a tiny learnable corpus, a wandb file reader."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A tiny model that trains in well under a second per scheme (fp32 so bit-exact checks do not depend on the CPU).
+TINY = [
+    "model=tiny", "logger=none", "trainer.seq_len=32", "trainer.batch_size=8", "trainer.max_steps=20",
+    "trainer.eval_interval=10", "trainer.eval_iters=2", "trainer.log_interval=1", "trainer.progress=false",
+    "trainer.precision=fp32", "optim.warmup_steps=2", "optim.lr=1e-2",
+]
+
+
+def compose(*overrides: str, return_hydra_config: bool = False):
+    """configs/train.yaml composed with ``overrides`` (a DictConfig)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="test"):
+        return hydra_compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def tiny_config(*overrides: str):
+    """A TrainConfig from the real configs, shrunk by TINY, then ``overrides``."""
+    from roformer.config import to_config
+
+    return to_config(compose(*TINY, *overrides))
+
+
+def markov_tokens(n: int, vocab: int, seed: int, p_follow: float = 0.9) -> np.ndarray:
+    """Token t+1 = (5 t + 3) mod vocab with probability p_follow, else uniform: learnable from one token."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.uint16)
+    out[0] = 0
+    follow = rng.random(n) < p_follow
+    noise = rng.integers(0, vocab, n)
+    for i in range(1, n):
+        out[i] = (5 * int(out[i - 1]) + 3) % vocab if follow[i] else noise[i]
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_data():
+    """A PreparedData of a 64-token Markov chain (no tokenizer training, no download)."""
+    from roformer.data import PreparedData, TokenSplit
+
+    vocab = 64
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    splits = {}
+    for seed, (name, n) in enumerate((("train", 20_000), ("validation", 4_000), ("test", 4_000))):
+        tokens = markov_tokens(n, vocab, seed)
+        splits[name] = TokenSplit(name=name, tokens=tokens, doc_offsets=np.array([0, n], dtype=np.int64),
+                                  eod_id=0, meta={"n_tokens": n})
+    return PreparedData(tokenizer=tok, tokenizer_json=tok.to_str(), vocab_size=vocab, eod_id=0, splits=splits,
+                        cache_path=Path("toy"), meta={"tokenizer_hash": "toy"})
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> list[str]:
+    """CLI overrides for a small text_files corpus (20 documents of a 16-word language) cached in a tmp dir."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = "the cat dog sat on a mat log ran fast slow big red blue green house".split()
+    for i in range(20):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 1500)) + "\n")
+    return ["data=text_files", f"data.train_files=[{root}/doc*.txt]", f"data.cache_dir={root}/cache",
+            "data.vocab_size=300"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_wandb_records(path: Path) -> list:
+    """Every protobuf Record of a ``run-<id>.wandb`` file (LevelDB log format: 32 KiB blocks of
+    crc32/length/type-prefixed chunks after a 7-byte header), read offline with no wandb service."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos = Path(path).read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a .wandb file"
+    records, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:  # full
+            records.append(chunk)
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            records.append(pending + chunk)
+    out = []
+    for raw in records:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        out.append(rec)
+    return out
