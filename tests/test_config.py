@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONFIGS, REPO, compose, tiny_config
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from conftest import CONFIGS, REPO, compose, tiny_config
 from roformer.config import Precision, TrainConfig, to_config
 from roformer.positional import SCHEMES
 
