@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from roformer.data import DataConfig
+from roformer.evaluation import EvalSettings
 from roformer.model import ModelConfig
 from roformer.positional import PosConfig
 
@@ -223,3 +225,41 @@ def to_plain(obj) -> object:
     if isinstance(obj, list | tuple):
         return [to_plain(v) for v in obj]
     return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation (evaluate.py, configs/evaluate.yaml)
+
+
+@dataclass
+class EvalConfig:
+    """What evaluate.py scores. The scoring settings live in ``eval`` (roformer.evaluation.EvalSettings)."""
+
+    # a checkpoint file, a run folder, a sweep folder, or a list of those
+    ckpt: Any = None
+    # which checkpoint of a run folder: last or best
+    which: str = "last"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    # another corpus to score; None: each checkpoint's own corpus (always with the checkpoint's tokenizer)
+    data: DataConfig | None = None
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
+
+    def __post_init__(self) -> None:
+        if self.ckpt in (None, "", []):
+            raise ValueError("ckpt is required: ckpt=RUN_FOLDER, ckpt=FILE.pt, ckpt=[A,B] or ckpt=SWEEP_FOLDER")
+        if not isinstance(self.ckpt, str):
+            self.ckpt = [str(c) for c in self.ckpt]
+        if self.which not in ("last", "best"):
+            raise ValueError(f"which={self.which!r} must be last or best")
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def to_eval_config(cfg: DictConfig) -> EvalConfig:
+    """The composed evaluate.yaml -> typed dataclasses (checks run here)."""
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return OmegaConf.to_object(cfg)

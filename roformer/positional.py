@@ -223,8 +223,10 @@ class RoPE(PositionalScheme):
         # The table depends on the scaling settings (which evaluation may change between lengths) and, for
         # dynamic NTK, on the current length itself.
         key = (n if dynamic else None, str(device), c.base, c.scaling, c.scaling_factor, c.original_len)
-        if self.cos_cached.shape[0] < n or self._cache_key != key:
-            size = n if dynamic else max(n, 2 * self.cos_cached.shape[0], 256)
+        same = self._cache_key == key
+        if not same or self.cos_cached.shape[0] < n:
+            # grow by doubling while the settings stay the same; start afresh when they change
+            size = n if dynamic else max(n, 256, 2 * self.cos_cached.shape[0] if same else 0)
             with torch.autocast(device_type=torch.device(device).type, enabled=False):
                 cos, sin = self._angles(size, n, device)
             self.cos_cached, self.sin_cached, self._cache_key = cos, sin, key

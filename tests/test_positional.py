@@ -269,3 +269,12 @@ def test_odd_rotary_dimensions_rejected():
         build_positional(PosConfig(rotary_fraction=0.75), d_model=20, n_head=2, n_layer=1)
     with pytest.raises(ValueError, match="positive even integer"):
         build_positional(PosConfig(), d_model=18, n_head=2, n_layer=1)  # head_dim 9
+
+
+def test_rope_cache_does_not_grow_when_settings_alternate():
+    rope = make_rope(head_dim=16)
+    for i in range(30):  # evaluation switches scaling factors per length
+        rope.cfg.scaling, rope.cfg.original_len = RopeScaling.pi, 64
+        rope.cfg.scaling_factor = 1.0 + i % 3
+        cos, _ = rope.cos_sin(300, "cpu")
+    assert cos.shape[0] == 300

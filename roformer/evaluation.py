@@ -1,0 +1,580 @@
+"""Perplexity beyond the training length: three protocols, per-position loss, zero-shot RoPE extension.
+
+Every protocol scores every target token exactly once and reports how many it scored. Windows always start at
+position 0, as a model sees them in training; only the context before each scored token changes.
+
+* ``nonoverlapping`` (Press et al., 2022, the ALiBi extrapolation tables): consecutive windows of L tokens.
+  The first token of each window has no context, so short windows are penalised by the context they lack.
+* ``sliding`` with stride S: windows of L tokens that advance by S; a window scores only the targets the
+  previous one did not, so every scored token (after the first window) has at least L - S tokens of context.
+  The token count is exact: the Hugging Face recipe's off-by-one per window does not happen here.
+* ``fixed_target`` (Kazemnejad et al., 2023): the last K tokens of every document long enough for the largest
+  length, scored with a window of L tokens ending at the document's end, so the targets are identical at every
+  length and only the context changes.
+
+For the first two, every length scores the same stretch: the first M + 1 tokens of the split's stream (M =
+``max_tokens`` or all), so perplexities at different lengths are comparable.
+
+Metrics: token perplexity exp(NLL / tokens), bits per byte NLL / ln 2 / bytes, and word-level perplexity
+exp(NLL / words), where bytes are the UTF-8 bytes the scored tokens stand for (the end-of-document token counts
+as one byte, a separator) and words are the whitespace-separated words of their text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from roformer.positional import PositionOutOfRange, RopeScaling
+
+
+class Protocol(str, Enum):
+    nonoverlapping = "nonoverlapping"
+    sliding = "sliding"
+    fixed_target = "fixed_target"
+
+
+class OnShort(str, Enum):
+    skip = "skip"  # mark the cell skipped, with the reason, and go on
+    error = "error"  # stop with the reason
+
+
+DEFAULT_MULTIPLIERS = [1.0, 1.25, 1.5, 2.0, 4.0, 8.0, 16.0]
+
+
+@dataclass
+class EvalSettings:
+    """What to score and how (the ``eval`` node of ``configs/evaluate.yaml``)."""
+
+    # evaluation lengths in tokens; empty: the checkpoint's training length times each multiplier
+    lengths: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=lambda: list(DEFAULT_MULTIPLIERS))
+    protocols: list[Protocol] = field(
+        default_factory=lambda: [Protocol.nonoverlapping, Protocol.sliding, Protocol.fixed_target]
+    )
+    # sliding window stride in tokens; 0: half of each length
+    stride: int = 0
+    # fixed_target: number of final tokens of each document that are scored (K)
+    target_tokens: int = 256
+    # zero-shot context extension applied to RoPE checkpoints; each method's factor is length / training length
+    rope_scaling: list[RopeScaling] = field(default_factory=lambda: [RopeScaling.none])
+    split: str = "test"
+    # score at most this many target tokens of the split (0: all), the same stretch at every length
+    max_tokens: int = 0
+    # tokens per forward batch (windows of one length are batched up to this many tokens)
+    batch_tokens: int = 8192
+    # bf16 autocast for the forward (the loss is always accumulated in float64)
+    bf16: bool = False
+    device: str = "auto"
+    on_short: OnShort = OnShort.skip
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for L in self.lengths:
+            if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+                raise ValueError(f"eval.lengths: {L!r} is not a positive integer number of tokens")
+        for m in self.multipliers:
+            if not m > 0:
+                raise ValueError(f"eval.multipliers: {m!r} must be positive")
+        if not self.protocols:
+            raise ValueError(f"eval.protocols is empty; choose from {[p.value for p in Protocol]}")
+        self.protocols = [Protocol(p) for p in self.protocols]
+        self.rope_scaling = [RopeScaling(r) for r in self.rope_scaling] or [RopeScaling.none]
+        self.on_short = OnShort(self.on_short)
+        for key in ("stride", "max_tokens"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key}={getattr(self, key)} must be >= 0")
+        if self.target_tokens < 1 or self.batch_tokens < 1:
+            raise ValueError("eval.target_tokens and eval.batch_tokens must be positive")
+        if self.stride and self.lengths and self.stride > min(self.lengths):
+            raise ValueError(
+                f"eval.stride={self.stride} is larger than the length {min(self.lengths)}; "
+                "a stride must be at most the window length"
+            )
+
+    def lengths_for(self, train_len: int) -> list[int]:
+        if self.lengths:
+            return sorted(set(self.lengths))
+        return sorted({max(1, round(m * train_len)) for m in self.multipliers})
+
+
+@dataclass
+class Score:
+    """NLL summed over the scored tokens, with the counts it is a sum over."""
+
+    nll_sum: float = 0.0
+    n_tokens: int = 0
+    n_bytes: int = 0
+    n_words: int = 0
+    pos_sum: np.ndarray | None = None  # per window position: summed NLL and count (nonoverlapping only)
+    pos_count: np.ndarray | None = None
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.n_tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_sum / math.log(2) / self.n_bytes if self.n_bytes else float("nan")
+
+    @property
+    def word_ppl(self) -> float:
+        return math.exp(self.nll_sum / self.n_words) if self.n_words else float("nan")
+
+
+class ShortInput(ValueError):
+    """The data is too short for a requested length."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Windows: (start of the input in the stream, input length, number of trailing targets scored)
+
+
+def nonoverlapping_windows(n_targets: int, length: int) -> Iterator[tuple[int, int, int]]:
+    """Targets 1..M in consecutive windows of `length`; the last window may be shorter."""
+    for s in range(0, n_targets, length):
+        n = min(length, n_targets - s)
+        yield s, n, n
+
+
+def sliding_windows(n_targets: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """Windows of `length` advancing by `stride`; each scores the targets after the previous window's last."""
+    if not 0 < stride <= length:
+        raise ValueError(f"eval.stride={stride} must be in [1, length={length}]")
+    done, start = 0, 0
+    while done < n_targets:
+        end = min(start + length, n_targets)  # this window's inputs are tokens[start:end], targets start+1..end
+        yield start, end - start, end - done
+        done, start = end, start + stride
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def token_nll(model, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Per-token NLL (B, T) in float32 for inputs x and targets y, windows starting at position 0."""
+    dev = x.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, _ = model(x)
+    B, T, V = logits.shape
+    out = torch.empty(B, T, dtype=torch.float32, device=dev)
+    for s in range(0, T, 1024):  # bound the float32 copy of the logits
+        e = min(s + 1024, T)
+        out[:, s:e] = F.cross_entropy(
+            logits[:, s:e].float().reshape(-1, V), y[:, s:e].reshape(-1), reduction="none"
+        ).view(B, e - s)
+    return out
+
+
+def score_windows(model, stream: np.ndarray, windows, *, batch_tokens: int, bf16: bool, per_position: bool, device):
+    """Score (start, n_in, n_scored) windows of `stream`: targets stream[start+1 : start+n_in+1], last n_scored.
+
+    Windows of equal input length are batched together. Returns a Score without byte/word counts.
+    """
+    score = Score()
+    if per_position:
+        L = max(n for _, n, _ in windows)
+        score.pos_sum, score.pos_count = np.zeros(L), np.zeros(L, dtype=np.int64)
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for start, n_in, n_sc in windows:
+        by_len.setdefault(n_in, []).append((start, n_sc))
+    for n_in, group in by_len.items():
+        per_batch = max(1, batch_tokens // n_in)
+        for b in range(0, len(group), per_batch):
+            chunk = group[b : b + per_batch]
+            rows = np.stack([stream[s : s + n_in + 1].astype(np.int64) for s, _ in chunk])
+            t = torch.from_numpy(rows).to(device)
+            nll = token_nll(model, t[:, :-1], t[:, 1:], bf16).double().cpu().numpy()  # (B, n_in)
+            for row, (_, n_sc) in zip(nll, chunk, strict=True):
+                scored = row[n_in - n_sc :]
+                score.nll_sum += float(scored.sum())
+                score.n_tokens += n_sc
+                if per_position:
+                    score.pos_sum[n_in - n_sc : n_in] += scored
+                    score.pos_count[n_in - n_sc : n_in] += 1
+    return score
+
+
+@dataclass
+class TextCounter:
+    """Bytes and words that token ids stand for, from the tokenizer."""
+
+    token_bytes: np.ndarray  # (V,) UTF-8 bytes of each id; special tokens count as 1 (a separator)
+    tokenizer: object
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> TextCounter:
+        from tokenizers import pre_tokenizers
+
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        V = tok.get_vocab_size(with_added_tokens=True)
+        nbytes = np.zeros(V, dtype=np.int64)
+        for i in range(V):
+            s = tok.id_to_token(i)
+            if s is None:
+                continue
+            if s in special:
+                nbytes[i] = 1
+            elif all(c in alphabet for c in s):  # byte-level symbol string: one character per byte
+                nbytes[i] = len(s)
+            else:
+                nbytes[i] = len(tok.decode([i]).encode("utf-8"))
+        return cls(nbytes, tok)
+
+    def count(self, ids: np.ndarray) -> tuple[int, int]:
+        ids = np.asarray(ids, dtype=np.int64)
+        n_bytes = int(self.token_bytes[ids].sum())
+        n_words = len(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).split())
+        return n_bytes, n_words
+
+
+def evaluate_stream(
+    model,
+    stream: np.ndarray,
+    protocol: Protocol,
+    length: int,
+    *,
+    n_targets: int,
+    stride: int = 0,
+    batch_tokens: int = 8192,
+    bf16: bool = False,
+    device="cpu",
+    counter: TextCounter | None = None,
+) -> Score:
+    """Nonoverlapping or sliding perplexity of the first n_targets targets of a token stream."""
+    if n_targets < length:
+        raise ShortInput(
+            f"length {length} needs at least {length + 1} tokens but the scored stretch has {n_targets + 1}"
+        )
+    if protocol == Protocol.nonoverlapping:
+        windows = list(nonoverlapping_windows(n_targets, length))
+    elif protocol == Protocol.sliding:
+        windows = list(sliding_windows(n_targets, length, stride or max(1, length // 2)))
+    else:
+        raise ValueError(f"evaluate_stream does not run {protocol.value}; use evaluate_fixed_target")
+    score = score_windows(
+        model,
+        stream,
+        windows,
+        batch_tokens=batch_tokens,
+        bf16=bf16,
+        per_position=protocol == Protocol.nonoverlapping,
+        device=device,
+    )
+    assert score.n_tokens == n_targets, (score.n_tokens, n_targets)
+    if counter is not None:
+        score.n_bytes, score.n_words = counter.count(stream[1 : n_targets + 1])
+    return score
+
+
+def long_documents(docs: list[np.ndarray], max_length: int) -> list[np.ndarray]:
+    """Documents long enough to hold a window of max_length inputs plus one target."""
+    return [d for d in docs if len(d) >= max_length + 1]
+
+
+def evaluate_fixed_target(
+    model,
+    docs: list[np.ndarray],
+    length: int,
+    *,
+    target_tokens: int,
+    batch_tokens: int = 8192,
+    bf16: bool = False,
+    device="cpu",
+    counter: TextCounter | None = None,
+) -> Score:
+    """Score the last `target_tokens` tokens of each document with a window of `length` ending at its end."""
+    if length < target_tokens:
+        raise ShortInput(f"fixed_target needs length >= eval.target_tokens={target_tokens}, got length {length}")
+    usable = [d for d in docs if len(d) >= length + 1]
+    if not usable:
+        raise ShortInput(f"no document has the {length + 1} tokens a window of {length} needs")
+    stream = np.concatenate(usable)
+    ends = np.cumsum([len(d) for d in usable])
+    windows = [(int(e) - length - 1, length, target_tokens) for e in ends]
+    score = score_windows(
+        model, stream, windows, batch_tokens=batch_tokens, bf16=bf16, per_position=False, device=device
+    )
+    if counter is not None:
+        for d in usable:
+            b, w = counter.count(d[-target_tokens:])
+            score.n_bytes += b
+            score.n_words += w
+    return score
+
+
+def set_rope_scaling(model, kind: RopeScaling, factor: float, original_len: int) -> bool:
+    """Switch a RoPE model's zero-shot extension (in place). False if the model has no RoPE."""
+    if model.pos_cfg.name != "rope":
+        return False
+    cfg = model.pos.cfg
+    cfg.scaling, cfg.scaling_factor, cfg.original_len = RopeScaling(kind), max(1.0, float(factor)), original_len
+    return True
+
+
+@dataclass
+class Cell:
+    """One (protocol, length) result for one model variant."""
+
+    protocol: str
+    length: int
+    status: str  # ok | n/a | skipped
+    note: str = ""
+    score: Score | None = None
+
+    def as_dict(self) -> dict:
+        d = {"protocol": self.protocol, "length": self.length, "status": self.status, "note": self.note}
+        s = self.score
+        if s is not None:
+            d.update(
+                ppl=s.ppl,
+                nll_sum=s.nll_sum,
+                tokens=s.n_tokens,
+                bytes=s.n_bytes,
+                words=s.n_words,
+                bits_per_byte=s.bits_per_byte,
+                word_ppl=s.word_ppl,
+            )
+        return d
+
+
+def evaluate_model(
+    model,
+    *,
+    stream: np.ndarray,
+    docs: list[np.ndarray],
+    lengths: list[int],
+    settings: EvalSettings,
+    scaling: RopeScaling,
+    train_len: int,
+    counter: TextCounter | None,
+    device,
+    on_cell=None,
+) -> tuple[list[Cell], dict]:
+    """Every (protocol, length) cell for one model and one RoPE scaling method, plus its per-position loss."""
+    n_targets = len(stream) - 1 if not settings.max_tokens else min(settings.max_tokens, len(stream) - 1)
+    fixed_docs = long_documents(docs, max(lengths))
+    cells, per_pos = [], {}
+    table = model.pos_cfg.max_len if model.pos_cfg.name == "learned" else None
+    for protocol in settings.protocols:
+        for L in lengths:
+            if table is not None and L > table:
+                cells.append(Cell(protocol.value, L, "n/a", f"n/a (table size {table})"))
+                if on_cell:
+                    on_cell()
+                continue
+            set_rope_scaling(model, scaling, L / train_len, train_len)
+            common = dict(batch_tokens=settings.batch_tokens, bf16=settings.bf16, device=device, counter=counter)
+            try:
+                if protocol == Protocol.fixed_target:
+                    score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=settings.target_tokens, **common)
+                else:
+                    score = evaluate_stream(
+                        model, stream, protocol, L, n_targets=n_targets, stride=settings.stride, **common
+                    )
+            except ShortInput as e:
+                if settings.on_short == OnShort.error:
+                    raise
+                cells.append(Cell(protocol.value, L, "skipped", str(e)))
+            except PositionOutOfRange as e:
+                cells.append(Cell(protocol.value, L, "n/a", str(e)))
+            else:
+                cells.append(Cell(protocol.value, L, "ok", score=score))
+                if protocol == Protocol.nonoverlapping:
+                    per_pos[L] = (score.pos_sum / np.maximum(score.pos_count, 1)).tolist()
+            if on_cell:
+                on_cell()
+    set_rope_scaling(model, RopeScaling.none, 1.0, train_len)
+    return cells, per_pos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints in, result files out
+
+
+def find_checkpoints(spec, which: str = "last") -> list[Path]:
+    """A checkpoint file, a run folder, or a sweep folder (every run under it), or a list of those."""
+    from roformer.checkpoint import CheckpointError, resolve_checkpoint
+
+    if spec is None or spec == "" or spec == []:
+        raise CheckpointError("no checkpoint given: pass ckpt=PATH, ckpt=[PATH,PATH] or ckpt=SWEEP_FOLDER")
+    items = [spec] if isinstance(spec, str | Path) else list(spec)
+    name = f"{which}.pt"
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and not (p / "checkpoints" / name).is_file() and not (p / name).is_file():
+            runs = sorted(q for q in p.rglob(f"checkpoints/{name}") if q.is_file())
+            if not runs:
+                raise CheckpointError(f"{p} holds no run with checkpoints/{name}; give a checkpoint, run or sweep")
+            found += runs
+        elif p.is_dir():
+            found.append(p / "checkpoints" / name if (p / "checkpoints" / name).is_file() else p / name)
+        else:
+            found.append(resolve_checkpoint(p))
+    return list(dict.fromkeys(found))
+
+
+def _label(path: Path, taken: set[str], scheme: str) -> str:
+    """The run folder's name (a sweep job's overrides, e.g. pos=rope,seed=0), made unique."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    base = run.name if run.name and "=" in run.name else scheme
+    label, i = base, 1
+    while label in taken:
+        i += 1
+        label = f"{base}#{i}"
+    taken.add(label)
+    return label
+
+
+def _tokenizer_file(tok_json: str, cache_dir: str) -> str:
+    from roformer import tokenizer as toklib
+
+    h = toklib.tokenizer_hash(tok_json)
+    path = Path(cache_dir) / "tokenizers" / f"{h[:16]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        toklib.save(toklib.from_json(tok_json), path)
+    return str(path)
+
+
+def load_split(data_cfg, tok_json: str, split: str, progress: bool):
+    """The split tokenized with exactly the checkpoint's tokenizer (the cache is keyed on it)."""
+    from dataclasses import replace
+
+    from roformer import tokenizer as toklib
+    from roformer.data import prepare
+
+    cfg = replace(data_cfg, tokenizer_path=_tokenizer_file(tok_json, data_cfg.cache_dir))
+    data = prepare(cfg, progress=progress)
+    want = toklib.tokenizer_hash(tok_json)
+    if data.tokenizer_hash != want:
+        raise ValueError(
+            f"the data's tokenizer ({data.tokenizer_hash[:12]}) does not match the checkpoint's ({want[:12]}); "
+            "delete the token cache folder and run again"
+        )
+    if split not in data.splits:
+        raise ValueError(f"eval.split={split!r} is not a split of data={cfg.name}; choose one of {list(data.splits)}")
+    return data, data.splits[split]
+
+
+def run_evaluation(cfg, out_dir: Path) -> dict:
+    """Score every checkpoint x RoPE scaling x protocol x length; write the result files; return the results."""
+    from tqdm.auto import tqdm
+
+    from roformer.checkpoint import load_checkpoint, model_from_checkpoint
+    from roformer.config import to_plain
+    from roformer.data import DataConfig
+    from roformer.reporting import add_ratios, log_to_wandb, write_outputs
+
+    s: EvalSettings = cfg.eval
+    device = torch.device(
+        "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
+    )
+    paths = find_checkpoints(cfg.ckpt, cfg.which)
+    ckpts = [load_checkpoint(p) for p in paths]  # read (and validate) every file before any work
+    plans, taken = [], set()
+    for p, ck in zip(paths, ckpts, strict=True):
+        train_len = int(ck["train_cfg"]["trainer"]["seq_len"])
+        lengths = s.lengths_for(train_len)
+        stride = s.stride
+        if stride and stride > min(lengths):
+            raise ValueError(f"eval.stride={stride} is larger than the length {min(lengths)}; lower eval.stride")
+        scalings = s.rope_scaling if ck["pos_cfg"]["name"] == "rope" else [RopeScaling.none]
+        plans.append((p, ck, train_len, lengths, scalings, _label(p, taken, ck["pos_cfg"]["name"])))
+    n_cells = sum(len(sc) * len(s.protocols) * len(ls) for _, _, _, ls, sc, _ in plans)
+    bar = tqdm(total=n_cells, desc="evaluate", disable=not s.progress, dynamic_ncols=True)
+    results = {
+        "format": {"name": "roformer-eval", "version": 1},
+        "settings": to_plain(s),
+        "checkpoints": [],
+        "results": [],
+        "per_position": [],
+    }
+    data_cache: dict = {}
+    for p, ck, train_len, lengths, scalings, label in plans:
+        model = model_from_checkpoint(ck).to(device)
+        data_cfg = cfg.data if cfg.data is not None else DataConfig(**ck["data_cfg"])
+        key = (repr(data_cfg), ck["tokenizer_json"])
+        if key not in data_cache:
+            data_cache[key] = load_split(data_cfg, ck["tokenizer_json"], s.split, s.progress)
+        data, split = data_cache[key]
+        counter = TextCounter.from_tokenizer(data.tokenizer)
+        stream = np.asarray(split.tokens)
+        docs = list(split.documents())
+        scheme = ck["pos_cfg"]["name"]
+        attention = ck["model_cfg"].get("attention", "softmax")
+        base_variant = scheme + ("+linear" if attention == "linear" else "")
+        seed = ck["train_cfg"].get("seed")
+        results["checkpoints"].append(
+            {
+                "label": label,
+                "path": str(p),
+                "scheme": scheme,
+                "attention": attention,
+                "variant": base_variant,
+                "seed": seed,
+                "train_len": train_len,
+                "step": ck.get("step"),
+                "tokens_seen": ck.get("tokens_seen"),
+                "group": (ck["train_cfg"].get("logger") or {}).get("group"),
+                "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]},
+                "data": to_plain(data_cfg),
+                "split_tokens": int(len(stream)),
+                "split_docs": len(docs),
+            }
+        )
+        with torch.inference_mode():
+            for scaling in scalings:
+                variant = base_variant + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
+                bar.set_postfix_str(f"{label} {scaling.value}")
+                cells, per_pos = evaluate_model(
+                    model,
+                    stream=stream,
+                    docs=docs,
+                    lengths=lengths,
+                    settings=s,
+                    scaling=scaling,
+                    train_len=train_len,
+                    counter=counter,
+                    device=device,
+                    on_cell=lambda: bar.update(1),
+                )
+                for c in cells:
+                    results["results"].append(
+                        {
+                            "label": label,
+                            "variant": variant,
+                            "scheme": scheme,
+                            "rope_scaling": scaling.value,
+                            "seed": seed,
+                            "train_len": train_len,
+                            **c.as_dict(),
+                        }
+                    )
+                if per_pos:
+                    L = max(per_pos)
+                    results["per_position"].append(
+                        {
+                            "label": label,
+                            "variant": variant,
+                            "rope_scaling": scaling.value,
+                            "length": L,
+                            "mean_loss": per_pos[L],
+                        }
+                    )
+        del model
+    bar.close()
+    add_ratios(results["results"])
+    write_outputs(results, out_dir)
+    log_to_wandb(results, cfg.logger, out_dir)
+    return results

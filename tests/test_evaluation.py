@@ -1,0 +1,312 @@
+"""Evaluation protocols on toy models with known losses, n/a handling, RoPE scaling, and the CLI end to end."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from roformer.evaluation import (
+    EvalSettings,
+    Protocol,
+    ShortInput,
+    evaluate_fixed_target,
+    evaluate_model,
+    evaluate_stream,
+    nonoverlapping_windows,
+    sliding_windows,
+)
+from roformer.model import ModelConfig, TransformerLM
+from roformer.positional import PosConfig, RopeScaling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Bigram(nn.Module):
+    """logits(t) = table[x_t]: its loss on a target does not depend on the context, so a protocol's NLL sum
+    equals the direct sum over the targets it scores, once each."""
+
+    def __init__(self, V=11, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(V, V, generator=g) * 2
+        self.pos_cfg = PosConfig(name="nope")
+        self.calls = 0
+
+    def forward(self, idx):
+        self.calls += 1
+        return self.table[idx], None
+
+    def nll(self, prev, nxt):
+        return float(-torch.log_softmax(self.table[torch.as_tensor(prev)], -1)[torch.as_tensor(nxt)])
+
+
+def direct_sum(model, stream, targets):
+    return sum(model.nll(stream[t - 1], stream[t]) for t in targets)
+
+
+@pytest.mark.parametrize("M, L", [(100, 10), (101, 10), (7, 10), (64, 64), (1000, 33)])
+def test_nonoverlapping_windows_cover_each_target_once(M, L):
+    scored = []
+    for start, n_in, n_sc in nonoverlapping_windows(M, L):
+        assert n_in <= L and n_sc == n_in
+        scored += list(range(start + 1, start + n_in + 1))
+    assert scored == list(range(1, M + 1))
+
+
+@pytest.mark.parametrize("M, L, S", [(100, 10, 5), (101, 10, 3), (100, 10, 10), (1000, 64, 1), (50, 64, 16)])
+def test_sliding_windows_cover_each_target_once_with_context(M, L, S):
+    scored = []
+    for i, (start, n_in, n_sc) in enumerate(sliding_windows(M, L, S)):
+        assert n_in <= L and 0 < n_sc <= n_in
+        targets = list(range(start + n_in - n_sc + 1, start + n_in + 1))
+        if i > 0:  # after the first window, every scored target has at least L - S tokens of context
+            assert targets[0] - start >= L - S  # inputs up to and including the one that predicts it
+        scored += targets
+    assert scored == list(range(1, M + 1))
+
+
+@pytest.mark.parametrize("protocol", [Protocol.nonoverlapping, Protocol.sliding])
+@pytest.mark.parametrize("L", [8, 13, 50])
+def test_stream_protocols_score_every_token_once(protocol, L):
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 11, 400).astype(np.uint16)
+    model = Bigram()
+    M = 317
+    s = evaluate_stream(model, stream, protocol, L, n_targets=M, stride=3, batch_tokens=64)
+    assert s.n_tokens == M
+    assert s.nll_sum == pytest.approx(direct_sum(model, stream, range(1, M + 1)), rel=1e-9)
+    assert s.ppl == pytest.approx(math.exp(s.nll_sum / M))
+
+
+def test_fixed_target_scores_the_same_targets_at_every_length():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 11, n).astype(np.uint16) for n in (30, 200, 90, 150, 300)]
+    model = Bigram()
+    K = 20
+    usable = [d for d in docs if len(d) >= 128 + 1]
+    expected = sum(direct_sum(model, d, range(len(d) - K, len(d))) for d in usable)
+    for L in (20, 64, 128):
+        s = evaluate_fixed_target(model, usable, L, target_tokens=K, batch_tokens=100)
+        assert s.n_tokens == K * len(usable) == 60
+        assert s.nll_sum == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ShortInput, match="length >= eval.target_tokens=20"):
+        evaluate_fixed_target(model, usable, 10, target_tokens=K)
+
+
+def test_fixed_target_context_really_changes_with_length():
+    """With a real model only the context differs between lengths, and longer context lowers the loss on
+    text with long-range structure (a repeated random sequence)."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=16, n_layer=1, n_head=2, d_model=32), PosConfig(name="rope"))
+    rng = np.random.default_rng(0)
+    motif = rng.integers(0, 16, 24)
+    doc = np.tile(motif, 12).astype(np.uint16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(doc.astype(np.int64))[None]
+    for _ in range(150):  # learn to copy from one period back
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.inference_mode():
+        short = evaluate_fixed_target(model, [doc], 16, target_tokens=16)
+        long = evaluate_fixed_target(model, [doc], 64, target_tokens=16)
+    assert short.n_tokens == long.n_tokens == 16
+    assert long.nll_sum < 0.5 * short.nll_sum
+
+
+def test_per_position_loss_of_nonoverlapping():
+    stream = np.arange(200, dtype=np.uint16) % 11
+    model = Bigram()
+    s = evaluate_stream(model, stream, Protocol.nonoverlapping, 20, n_targets=199)
+    assert s.pos_count.sum() == 199 and s.pos_count[0] == 10 and s.pos_count[-1] == 9
+    assert s.pos_sum.sum() == pytest.approx(s.nll_sum)
+
+
+def test_short_stream_is_reported():
+    with pytest.raises(ShortInput, match="needs at least 65 tokens but the scored stretch has 31"):
+        evaluate_stream(Bigram(), np.zeros(31, dtype=np.uint16), Protocol.nonoverlapping, 64, n_targets=30)
+
+
+def tiny_lm(name, **pos):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16)
+    return TransformerLM(cfg, PosConfig(name=name, **pos)).eval()
+
+
+def test_learned_is_na_beyond_its_table_and_the_rest_still_runs():
+    model = tiny_lm("learned", max_len=32)
+    stream = np.random.default_rng(0).integers(0, 32, 600).astype(np.uint16)
+    settings = EvalSettings(lengths=[16, 32, 64], protocols=["nonoverlapping", "sliding"], target_tokens=8)
+    with torch.inference_mode():
+        cells, per_pos = evaluate_model(
+            model,
+            stream=stream,
+            docs=[stream],
+            lengths=[16, 32, 64],
+            settings=settings,
+            scaling=RopeScaling.none,
+            train_len=32,
+            counter=None,
+            device="cpu",
+        )
+    status = {(c.protocol, c.length): (c.status, c.note) for c in cells}
+    assert status[("nonoverlapping", 64)] == ("n/a", "n/a (table size 32)")
+    assert status[("sliding", 64)] == ("n/a", "n/a (table size 32)")
+    assert status[("nonoverlapping", 32)][0] == status[("sliding", 16)][0] == "ok"
+    assert sorted(per_pos) == [16, 32]
+
+
+@pytest.mark.parametrize("kind", [k for k in RopeScaling if k != RopeScaling.none])
+def test_rope_scaling_at_the_training_length_equals_plain_rope(kind):
+    model = tiny_lm("rope")
+    stream = np.random.default_rng(0).integers(0, 32, 300).astype(np.uint16)
+    settings = EvalSettings(lengths=[32, 64], protocols=["nonoverlapping"])
+    with torch.inference_mode():
+        plain, _ = evaluate_model(
+            model,
+            stream=stream,
+            docs=[],
+            lengths=[32, 64],
+            settings=settings,
+            scaling=RopeScaling.none,
+            train_len=32,
+            counter=None,
+            device="cpu",
+        )
+        scaled, _ = evaluate_model(
+            model,
+            stream=stream,
+            docs=[],
+            lengths=[32, 64],
+            settings=settings,
+            scaling=kind,
+            train_len=32,
+            counter=None,
+            device="cpu",
+        )
+    assert scaled[0].score.nll_sum == plain[0].score.nll_sum  # factor 1 at L = training length: identical
+    assert scaled[1].score.nll_sum != plain[1].score.nll_sum  # factor 2 at 2L: a different model
+    assert model.pos.cfg.scaling == RopeScaling.none  # evaluation leaves the model as it found it
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"lengths": [0]}, "eval.lengths: 0 is not a positive integer"),
+        ({"lengths": [128], "stride": 256}, "eval.stride=256 is larger than the length 128"),
+        ({"protocols": ["overlapping"]}, "overlapping"),
+    ],
+)
+def test_bad_settings(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        EvalSettings(**kwargs)
+
+
+# ---- end to end: two tiny training runs, then evaluate.py over both ----
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "tree", "cloud"]
+    for split, n_docs in (("train", 40), ("test", 6)):
+        lines = []
+        for _ in range(n_docs):
+            lines.append(" ".join(rng.choice(words, 400)) + ".")
+        (tmp / f"{split}.txt").write_text("\n\n".join(lines))
+    runs = []
+    for pos in ("rope", "learned"):
+        out = tmp / f"pos={pos}"
+        r = run(
+            [
+                str(ROOT / "train.py"),
+                "debug=fast",
+                f"pos={pos}",
+                "data=text_files",
+                f"data.train_files=[{tmp / 'train.txt'}]",
+                f"data.test_files=[{tmp / 'test.txt'}]",
+                "data.txt_sample_by=paragraph",
+                f"data.cache_dir={tmp / 'cache'}",
+                "data.vocab_size=300",
+                "trainer.seq_len=32",
+                "trainer.max_steps=6",
+                "pos.max_len=32",
+                "trainer.progress=false",
+                f"hydra.run.dir='{out}'",
+            ],
+            cwd=tmp,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(out)
+    return tmp, runs
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_every_output(two_runs):
+    tmp, runs = two_runs
+    out = tmp / "eval"
+    r = run(
+        [
+            str(ROOT / "evaluate.py"),
+            f"ckpt=['{runs[0]}','{runs[1]}']",
+            "eval.lengths=[32,64,128]",
+            "eval.target_tokens=16",
+            "eval.rope_scaling=[none,yarn]",
+            "logger=none",
+            "eval.progress=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert [c["label"] for c in res["checkpoints"]] == ["pos=rope", "pos=learned"]
+    cells = {(r["variant"], r["protocol"], r["length"]): r for r in res["results"]}
+    assert len(cells) == (2 + 1) * 3 * 3  # rope, rope+yarn, learned x 3 protocols x 3 lengths
+    assert cells[("learned", "nonoverlapping", 64)]["status"] == "n/a"
+    assert "n/a (table size 32)" in (out / "results.md").read_text()
+    ok = [r for r in res["results"] if r["status"] == "ok"]
+    stream_counts = {r["tokens"] for r in ok if r["protocol"] != "fixed_target"}
+    assert len(stream_counts) == 1  # every length and protocol scored the same stretch
+    for r in ok:
+        assert r["ppl"] == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]))
+        assert r["bits_per_byte"] == pytest.approx(r["nll_sum"] / math.log(2) / r["bytes"])
+    yarn32 = cells[("rope+yarn", "nonoverlapping", 32)]
+    assert yarn32["ppl"] == cells[("rope", "nonoverlapping", 32)]["ppl"]  # factor 1 at the training length
+
+
+@pytest.mark.slow
+def test_evaluate_cli_bad_input(two_runs, tmp_path):
+    tmp, runs = two_runs
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run([str(ROOT / "evaluate.py"), f"ckpt={bad}", "logger=none", f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp)
+    assert r.returncode != 0 and "not a readable roformer checkpoint" in r.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+    r = run(
+        [
+            str(ROOT / "evaluate.py"),
+            f"ckpt='{runs[0]}'",
+            "eval.lengths=[32]",
+            "eval.stride=64",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'o2'}",
+        ],
+        cwd=tmp,
+    )
+    assert r.returncode != 0 and "eval.stride=64 is larger than the length 32" in r.stderr
