@@ -23,12 +23,13 @@ resumed at step N is bit for bit the uninterrupted run (tests/test_training.py c
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -318,7 +319,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
     if data is None:
         data = prepare(cfg.data, rank=rt.rank, world_size=rt.world_size, progress=t.progress and rt.is_main)
     # the model's vocabulary is the tokenizer's (a small corpus may give fewer merges than data.vocab_size)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vocab_size = data.vocab_size
     if state is not None:
         if state["model_cfg"]["vocab_size"] != data.vocab_size or state["tokenizer_json"] != data.tokenizer_json:
             raise ValueError(f"cannot resume from {start_path}: its tokenizer differs from this run's data "
