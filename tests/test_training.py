@@ -351,8 +351,8 @@ def test_a_sweep_runs_every_job_even_when_one_fails(text_corpus, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(text_corpus, tmp_path):
     """Per-rank batch 4 on 2 ranks == batch 8 on 1 rank: the same windows (WindowSampler slices one global
-    batch), gradients averaged by all-reduce. Tolerance: 1e-4 relative on every logged loss (fp32; only the
-    order of float summation differs)."""
+    batch), gradients averaged by all-reduce. Tolerance: 1e-5 relative on every logged loss (fp32; only the
+    order of float summation differs; measured: 2e-7)."""
     common = [*CLI_TINY, *text_corpus, "trainer.precision=fp32", "trainer.log_interval=1", "trainer.max_steps=8",
               "trainer.eval_interval=4", "trainer.seq_len=32"]
     one = _run([sys.executable, "train.py", *common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path}/one"])
@@ -366,7 +366,7 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tex
         assert ra["trainer/tokens"] == rb["trainer/tokens"]
         for k in ("train/loss", "val/loss"):
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-4), (ra["trainer/step"], k)
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["trainer/step"], k)
     ck = ckpt_lib.load_checkpoint(tmp_path / "two")
     assert ck["world_size"] == 2 and ck["train_cfg"]["trainer"]["batch_size"] == 4
     assert not (REPO / ".hydra").exists() and not (REPO / "checkpoints").exists()  # rank 1 wrote nothing
