@@ -47,7 +47,31 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """Refuse, in one line, an explicit output folder that cannot be created (Hydra would make it first and fail
+    with a traceback). Creates nothing: probes the nearest existing parent."""
+    import tempfile
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        parent = Path(value).absolute()
+        while not parent.exists():
+            parent = parent.parent
+        try:
+            if not parent.is_dir():
+                raise NotADirectoryError("not a folder")
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            print(f"error: output folder {value} cannot be created ({e.strerror or e} in {parent}); "
+                  f"choose another with {key}=...", file=sys.stderr)
+            sys.exit(1)
+
+
 if __name__ == "__main__":
+    check_output_dir(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:
         # torchrun: only rank 0 writes Hydra's outputs; the others learn rank 0's run folder from it
         sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",

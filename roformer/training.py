@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,7 +406,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (t.progress and rt.is_main), mininterval=1.0)
+               disable=not (t.progress and rt.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
     model.train()
     val_loss = math.nan
     t_last, tokens_last = time.perf_counter(), tokens_seen

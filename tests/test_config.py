@@ -120,3 +120,14 @@ def test_cli_rejects_an_unknown_key_before_any_work(tmp_path):
     assert r.returncode != 0
     assert "max_stepz" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_an_output_folder_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={blocker}/run"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: output folder {blocker}/run cannot be created (not a folder in {blocker}); "
+        "choose another with hydra.run.dir=..."]
