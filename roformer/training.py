@@ -372,7 +372,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
 
     def save(val_loss: float) -> None:
         nonlocal best_val, last_good
-        improved = val_loss < best_val
+        # best.pt: the lowest validation loss seen (also written once in a new folder a resumed run writes to)
+        improved = val_loss < best_val or not (ckpt_dir / ckpt_lib.BEST).exists()
         best_val = min(best_val, val_loss)
         if not rt.is_main:
             return

@@ -68,6 +68,12 @@ def test_sweep_folders_are_named_by_overrides():
     assert cfg.hydra.sweep.subdir == "pos=alibi,seed=1"  # trainer.resume stays out so resume=auto finds it
 
 
+def test_pos_sweep_experiment_sweeps_every_scheme_and_three_seeds():
+    cfg = compose("experiment=pos_sweep", return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.pos.split(",")) == set(SCHEMES) and params.seed == "0,1,2"
+
+
 @pytest.mark.parametrize("override,match", [
     ("trainer.max_stepz=10", "max_stepz"),  # unknown key
     ("pos=rotary", "rotary"),  # unknown group option

@@ -144,6 +144,7 @@ def test_resume_longer_continues_from_the_checkpoint(toy_data, tmp_path):
     train(tiny_config("trainer.max_steps=12", f"trainer.resume={tmp_path}"), tmp_path / "more", data=toy_data)
     steps = [r["trainer/step"] for r in read_metrics(tmp_path / "more") if "train/loss" in r]
     assert steps == list(range(7, 13))
+    assert ckpt_lib.load_checkpoint(tmp_path / "more/checkpoints/best.pt")["step"] in (10, 12)
 
 
 def test_resume_from_another_shape_names_the_fields(toy_data, tmp_path):
