@@ -63,6 +63,8 @@ class EvalSettings:
     stride: int = 0
     # fixed_target: number of final tokens of each document that are scored (K)
     target_tokens: int = 256
+    # fixed_target: use at most this many of the long-enough documents, the first ones in order (0: all)
+    max_docs: int = 0
     # zero-shot context extension applied to RoPE checkpoints; each method's factor is length / training length
     rope_scaling: list[RopeScaling] = field(default_factory=lambda: [RopeScaling.none])
     split: str = "test"
@@ -88,7 +90,7 @@ class EvalSettings:
         self.protocols = [Protocol(p) for p in self.protocols]
         self.rope_scaling = [RopeScaling(r) for r in self.rope_scaling] or [RopeScaling.none]
         self.on_short = OnShort(self.on_short)
-        for key in ("stride", "max_tokens"):
+        for key in ("stride", "max_tokens", "max_docs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key}={getattr(self, key)} must be >= 0")
         if self.target_tokens < 1 or self.batch_tokens < 1:
@@ -363,6 +365,8 @@ def evaluate_model(
     """Every (protocol, length) cell for one model and one RoPE scaling method, plus its per-position loss."""
     n_targets = len(stream) - 1 if not settings.max_tokens else min(settings.max_tokens, len(stream) - 1)
     fixed_docs = long_documents(docs, max(lengths))
+    if settings.max_docs:
+        fixed_docs = fixed_docs[: settings.max_docs]
     cells, per_pos = [], {}
     table = model.pos_cfg.max_len if model.pos_cfg.name == "learned" else None
     for protocol in settings.protocols:
