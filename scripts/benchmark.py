@@ -130,6 +130,8 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
     inp, tgt = x[:, :-1], x[:, 1:]
     ev_x = torch.randint(0, args.vocab, (EB, T), generator=gen).to(device)
     long_x = torch.randint(0, args.vocab, (1, T * args.eval_mult), generator=gen).to(device)
+    pa = torch.randn(args.peak_n, args.peak_n, device=device, dtype=DTYPES[dtype])
+    pb = torch.randn(args.peak_n, args.peak_n, device=device, dtype=DTYPES[dtype])
     cases = {}
     for label, code in codes.items():
         for s in args.schemes:
@@ -148,9 +150,10 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
             warm_s = time.perf_counter() - t0  # with compile: mostly compile time
             name = s if label == "now" else f"{s}@{label}"
             cases[name] = dict(scheme=s, code=label, model=model, fwd=fwd, opt=opt, long_ok=long_ok, warm_s=warm_s,
-                               train=[], eval=[], eval_long=[])  # fmt: skip
+                               train=[], eval=[], eval_long=[], peak=[])  # fmt: skip
     for _ in range(args.rounds):
         for c in cases.values():
+            c["peak"].append(2 * args.peak_n**3 / time_call(lambda: pa @ pb, device))  # the peak of this moment
             c["train"].append(time_call(lambda c=c: train_step(c["fwd"], c["opt"], inp, tgt, device, dtype), device))
             c["eval"].append(time_call(lambda c=c: eval_step(c["fwd"], ev_x, device, dtype), device))
             if c["long_ok"]:
@@ -179,6 +182,9 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
             "flops_per_token": flops,
             "mfu": B * T * flops / tr / peak,
             "mfu_best": B * T * flops / min(c["train"]) / peak,
+            # against a matmul timed just before each step: robust to the machine's load changing over the run
+            "mfu_paired": statistics.median(B * T * flops / t / p for t, p in zip(c["train"], c["peak"])),
+            "peak_paired": statistics.median(c["peak"]),
             "eval_batch": EB,
             "eval_tok_s": ev,
             "eval_tok_s_min": ev_min,
@@ -203,7 +209,7 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
 def fmt(rows: list[dict], peak: dict) -> str:
     head = (
         f"{'scheme':<16}{'dtype':<6}{'comp':<5}{'thr':>3}{'train tok/s':>12}{'(min-max)':>14}{'vs nope':>8}"
-        f"{'MFU':>7}{'eval tok/s':>11}{'(min-max)':>15}{'eval@long':>10}{'eval/train':>11}"
+        f"{'MFU':>7}{'MFU*':>7}{'eval tok/s':>11}{'(min-max)':>15}{'eval@long':>10}{'eval/train':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -213,10 +219,11 @@ def fmt(rows: list[dict], peak: dict) -> str:
         espread = f"{r['eval_tok_s_min']:,.0f}-{r['eval_tok_s_max']:,.0f}"
         lines.append(
             f"{r['scheme']:<16}{r['dtype']:<6}{'on' if r['compile'] else 'off':<5}{r['threads']:>3}"
-            f"{r['train_tok_s']:>12,.0f}{tspread:>14}{vs:>8}{100 * r['mfu']:>6.1f}%"
+            f"{r['train_tok_s']:>12,.0f}{tspread:>14}{vs:>8}{100 * r['mfu']:>6.1f}%{100 * r['mfu_paired']:>6.1f}%"
             f"{r['eval_tok_s']:>11,.0f}{espread:>15}{long:>10}{r['eval_tok_s'] / r['train_tok_s']:>10.2f}x"
         )
     lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
+    lines.append("MFU*: median over rounds of the step's FLOP/s over a matmul's FLOP/s timed just before it")
     lines.append("vs nope: median over rounds of (step time / nope's step time in the same round)")
     return "\n".join(lines)
 
@@ -254,7 +261,7 @@ def main() -> None:
     codes = {"now": (model_now, positional_now)}
     if args.ref:
         codes["ref"] = load_ref(args.ref)
-    peak_n = args.peak_n or (8192 if args.device == "cuda" else 2048)
+    args.peak_n = peak_n = args.peak_n or (8192 if args.device == "cuda" else 2048)
     print(
         f"device={args.device} threads={threads} torch={torch.__version__} "
         f"shape: vocab={args.vocab} d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} "
