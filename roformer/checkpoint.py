@@ -51,6 +51,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _nonfinite(state: Mapping) -> list[str]:
     return [k for k, v in state.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -81,6 +87,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
