@@ -104,14 +104,16 @@ class _CrossEntropy(torch.autograd.Function):
         rows = max(1, (1 << 21) // V)  # ~8 MB of fp32 per block
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            lf = logits[s:e].to(torch.float32, copy=True)  # (rows, V), a copy: modified in place below
-            lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (rows, 1)
+            lf = logits[s:e].to(torch.float32, copy=True)  # (rows, V), a copy: turned into the softmax in place
             tgt = safe[s:e, None]
-            losses[s:e] = (lse - lf.gather(1, tgt)).squeeze(1)
+            picked = lf.gather(1, tgt)  # (rows, 1) target logits
+            m = lf.amax(dim=-1, keepdim=True)
+            p = lf.sub_(m).exp_()  # unnormalised softmax
+            z = p.sum(dim=-1, keepdim=True)
+            losses[s:e] = (m + z.log() - picked).squeeze(1)  # logsumexp - target logit
             if want_grad:
-                p = lf.sub_(lse).exp_()  # softmax, in place of the fp32 block
-                p.scatter_add_(1, tgt, torch.full_like(lse, -1.0))
-                p.mul_(valid[s:e, None] / n if n is not None else valid[s:e, None])
+                w = valid[s:e, None] / n if n is not None else valid[s:e, None].float()  # (rows, 1) row weights
+                p.mul_(w / z).scatter_add_(1, tgt, -w)  # (softmax - onehot) * w
                 grad[s:e] = p
         losses = losses.masked_fill(~valid, 0.0)
         if want_grad:
