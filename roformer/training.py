@@ -17,7 +17,10 @@ fp32 on such CPUs), else fp32. Weights, optimizer state, the loss and RoPE's ang
 
 Exact resume: a checkpoint holds model, optimizer, scheduler, GradScaler, sampler and every RNG state, taken
 after the step's update; validation consumes no randomness. On CPU with ``trainer.deterministic=true`` a run
-resumed at step N is bit for bit the uninterrupted run (tests/test_training.py checks it).
+resumed at step N is bit for bit the uninterrupted run (tests/test_training.py checks it), and two runs of
+one config are identical, in fp32 at any thread count and in bf16 on one thread. Measured on an AVX512-BF16
+CPU: bf16 on 2 threads drifts by ~1e-6 in the loss from the second step (oneDNN's multithreaded bf16 kernels
+do not reduce in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs.
 """
 
 from __future__ import annotations
@@ -369,6 +372,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
              cfg.model.attention.value, n_params / 1e6, cfg.pos.name, rt.precision, rt.device.type, rt.world_size,
              run_info["global_batch"], t.seq_len, uni)
     logger.summary({"val/unigram_ppl": uni, "n_params": n_params})
+    if t.deterministic and rt.device.type == "cpu" and rt.precision == "bf16" and torch.get_num_threads() > 1:
+        log.info("note: bf16 on %d CPU threads is reproducible only to ~1e-6; for bit-exact repeats use "
+                 "trainer.precision=fp32 or OMP_NUM_THREADS=1", torch.get_num_threads())
 
     def save(val_loss: float) -> None:
         nonlocal best_val, last_good
