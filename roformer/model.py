@@ -14,7 +14,7 @@ middle of a document, or token-by-token decoding, gives the same logits as one f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -170,13 +170,19 @@ class CausalSelfAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=p)
         # Additive bias: one block of queries at a time, so the (H, block, S) bias is all that is materialised.
+        # When the keys are the queries themselves (no cache), a block [s, e) only needs keys [0, e): the later
+        # ones are all masked, so leaving them out halves the work of a long causal sequence.
         T, blk, out = q.shape[2], self.cfg.bias_block, []
         for s in range(0, T, blk):
-            idx = slice(s, min(s + blk, T))
-            bias = pos.bias(q[:, :, idx], ctx, self.layer, idx)
-            allowed = ctx.k_pos[None, :] <= ctx.q_pos[idx, None]  # (t, S)
+            e = min(s + blk, T)
+            idx = slice(s, e)
+            bctx, kb, vb = (
+                (replace(ctx, k_pos=ctx.k_pos[:e]), k[:, :, :e], v[:, :, :e]) if ctx.is_causal else (ctx, k, v)
+            )
+            bias = pos.bias(q[:, :, idx], bctx, self.layer, idx)
+            allowed = bctx.k_pos[None, :] <= ctx.q_pos[idx, None]  # (t, S)
             bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
-            out.append(F.scaled_dot_product_attention(q[:, :, idx], k, v, attn_mask=bias, dropout_p=p))
+            out.append(F.scaled_dot_product_attention(q[:, :, idx], kb, vb, attn_mask=bias, dropout_p=p))
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def _linear(self, q, k, v, pos, ctx, cache):
