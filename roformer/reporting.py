@@ -231,7 +231,7 @@ def plot_ppl_vs_length(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_per_position(results: dict, path: Path, bins: int = 64) -> None:
+def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,10 +239,11 @@ def plot_per_position(results: dict, path: Path, bins: int = 64) -> None:
 
     per = results["per_position"]
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
-    curves = defaultdict(list)  # variant -> list of (length, mean_loss) at its largest length
+    curves = defaultdict(list)  # variant -> its per-position records (seeds), without the RoPE scaling variants
     for p in per:
-        curves[p["variant"]].append(p)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+        if p["rope_scaling"] == "none":
+            curves[p["variant"]].append(p)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
     for i, (v, ps) in enumerate(curves.items()):
         L = max(p["length"] for p in ps)
@@ -262,7 +263,7 @@ def plot_per_position(results: dict, path: Path, bins: int = 64) -> None:
     ax.set_ylabel("mean loss (nats)")
     ax.set_title("Per-position loss, nonoverlapping windows (dotted: training length)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
