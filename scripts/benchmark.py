@@ -12,7 +12,8 @@
 Per (dtype, compile, scheme): training tokens/s for a full step (forward, backward, AdamW step), model FLOPs per
 token (6 N + 12 n_layer seq_len d_model), MFU against a matrix-multiply peak measured in this process with the
 same dtype, evaluation tokens/s (forward only, inference mode) on a --eval-batch x seq_len batch (default: the
-training batch) and on one sequence of --eval-mult x seq_len tokens, and peak memory (CUDA: allocator peak of a training step per case; CPU: the process's peak resident set, once).
+training batch) and on one sequence of --eval-mult x seq_len tokens, and peak memory (CUDA: allocator peak of a
+training step per case; CPU: the process's peak resident set, once).
 Schemes (and, with --ref, the same schemes built from another checkout of the package, labelled ``@ref``) are
 timed in interleaved rounds so that slow phases of a shared machine hit them all alike; figures are medians over
 rounds, with the min-max spread. On a CPU shared with other jobs, also try --threads 1,2: every kernel ends in a
@@ -25,8 +26,8 @@ import argparse
 import importlib
 import json
 import resource
-import sys
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -183,7 +184,7 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
             "mfu": B * T * flops / tr / peak,
             "mfu_best": B * T * flops / min(c["train"]) / peak,
             # against a matmul timed just before each step: robust to the machine's load changing over the run
-            "mfu_paired": statistics.median(B * T * flops / t / p for t, p in zip(c["train"], c["peak"])),
+            "mfu_paired": statistics.median(B * T * flops / t / p for t, p in zip(c["train"], c["peak"], strict=True)),
             "peak_paired": statistics.median(c["peak"]),
             "eval_batch": EB,
             "eval_tok_s": ev,
@@ -201,7 +202,7 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
         ref = next((n for n, d in cases.items() if d["scheme"] == "nope" and d["code"] == c["code"]), None)
         r["step_vs_nope"] = r["train_step_s"] / statistics.median(cases[ref]["train"]) if ref else None
         r["step_vs_nope_paired"] = (
-            statistics.median(a / b for a, b in zip(c["train"], cases[ref]["train"])) if ref else None
+            statistics.median(a / b for a, b in zip(c["train"], cases[ref]["train"], strict=True)) if ref else None
         )
     return rows
 
@@ -265,7 +266,8 @@ def main() -> None:
     print(
         f"device={args.device} threads={threads} torch={torch.__version__} "
         f"shape: vocab={args.vocab} d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} "
-        f"seq_len={args.seq_len} batch={args.batch} optimizer={args.optimizer}" + (f" ref={args.ref}" if args.ref else ""),
+        f"seq_len={args.seq_len} batch={args.batch} optimizer={args.optimizer}"
+        + (f" ref={args.ref}" if args.ref else ""),
         flush=True,
     )
     rows, peaks = [], {}
