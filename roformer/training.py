@@ -124,6 +124,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     dtype, scaler = resolve_precision(cfg.trainer.precision, device)
     return Runtime(device, rank, local_rank, world_size, dtype, scaler)
 

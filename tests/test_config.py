@@ -106,6 +106,7 @@ def test_enum_errors_list_the_allowed_values():
     (["model.vocab_size=1000"], "model.vocab_size=1000 is smaller than data.vocab_size=8192"),
     (["model.d_model=100", "model.n_head=3"], "not divisible"),
     (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["trainer.threads=-1"], "trainer.threads=-1 must be >= 0"),
 ])
 def test_cross_field_and_value_checks_name_the_keys(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -26,6 +26,7 @@ from roformer.training import (
     lr_factor,
     param_groups,
     resolve_precision,
+    setup_runtime,
     train,
     unigram_ppl,
 )
@@ -393,3 +394,15 @@ def test_debug_fast_cli_trains_and_resumes(text_corpus, tmp_path):
               f"hydra.run.dir={run}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout + r.stderr and ckpt_lib.load_checkpoint(run)["step"] == 9
+
+
+def test_trainer_threads_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        setup_runtime(tiny_config("trainer.threads=1", "trainer.device=cpu"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        setup_runtime(tiny_config("trainer.threads=0", "trainer.device=cpu"))
+        assert torch.get_num_threads() == 2  # 0 leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
