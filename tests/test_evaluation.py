@@ -310,3 +310,27 @@ def test_evaluate_cli_bad_input(two_runs, tmp_path):
         cwd=tmp,
     )
     assert r.returncode != 0 and "eval.stride=64 is larger than the length 32" in r.stderr
+
+
+def test_find_checkpoints_accepts_files_runs_and_sweeps(tmp_path):
+    from roformer.checkpoint import CheckpointError
+    from roformer.evaluation import find_checkpoints
+
+    sweep = tmp_path / "multirun"
+    for name in ("pos=rope,seed=0", "pos=alibi,seed=0"):
+        (sweep / name / "checkpoints").mkdir(parents=True)
+        for f in ("last.pt", "best.pt"):
+            (sweep / name / "checkpoints" / f).write_bytes(b"x")
+    run = sweep / "pos=rope,seed=0"
+    assert find_checkpoints(str(run)) == [run / "checkpoints" / "last.pt"]
+    assert find_checkpoints(str(run), "best") == [run / "checkpoints" / "best.pt"]
+    assert find_checkpoints(str(sweep)) == sorted(sweep.glob("*/checkpoints/last.pt"))
+    # a list, with a duplicate given two ways, keeps one of each
+    assert len(find_checkpoints([str(run), str(run / "checkpoints" / "last.pt"), str(sweep)])) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no run with checkpoints/last.pt"):
+        find_checkpoints(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoints(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="no checkpoint given"):
+        find_checkpoints([])
