@@ -334,18 +334,9 @@ def log_to_wandb(results: dict, logger_cfg, out_dir: Path) -> None:
                 reinit="finish_previous",
                 settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
             )
-            cols = [
-                "variant",
-                "rope_scaling",
-                "protocol",
-                "length",
-                "status",
-                "ppl",
-                "ratio",
-                "bits_per_byte",
-                "word_ppl",
-                "tokens",
-            ]
+            # the CSV's columns, less what is the same for every row of one checkpoint or only for accounting
+            skip = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
+            cols = [c for c in CSV_FIELDS if c not in skip]
             table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
             ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]
             line = wandb.Table(
