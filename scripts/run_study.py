@@ -9,8 +9,10 @@ Variants: rope, sinusoidal, learned, alibi, nope, relative, t5, and rope with li
 preset's shape, data and token budget. Each run goes to <out>/runs/<overrides> (a run that already has its
 last checkpoint is not trained again, so rerunning continues a study). Then evaluate.py scores every
 checkpoint with the three protocols at the preset's lengths, plus PI, NTK, dynamic NTK and YaRN on the RoPE
-checkpoints, and <out>/eval holds results.{json,csv,md} and the plots. <out>/study.json records the command,
-commit, machine and wall times. One wandb group per study (the folder's name).
+checkpoints, and <out>/eval holds results.{json,csv,md}, the plots and report.md (scripts/study_report.py: ratio
+tables with mean ± std, the ALiBi paper's ratios beside ours, fixed-target against nonoverlapping).
+<out>/study.json records the command, commit, machine and wall times. One wandb group per study (the folder's
+name).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from roformer.study_report import write_report  # noqa: E402
+
 VARIANTS = {  # name -> overrides
     "rope": ["pos=rope"],
     "sinusoidal": ["pos=sinusoidal"],
@@ -180,9 +186,11 @@ def main() -> int:
         eval_exit_code=rc,
     )
     (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
+    if rc == 0:
+        write_report(out)
     print(
         f"study done in {record['wall_seconds'] / 60:.1f} min (train {t_train / 60:.1f}, eval "
-        f"{record['eval_seconds'] / 60:.1f}); report: {out / 'eval' / 'results.md'}",
+        f"{record['eval_seconds'] / 60:.1f}); report: {out / 'eval' / 'report.md'}",
         flush=True,
     )
     return rc or int(any(r["exit_code"] for r in record["runs"]))

@@ -1,0 +1,114 @@
+"""The study report: ratio statistics over seeds, the literature table, fixed-target beside nonoverlapping."""
+
+import json
+import math
+
+import pytest
+
+from roformer.reporting import add_ratios
+from roformer.study_report import PAPER_RATIOS, nearest, ratio_stats, study_markdown, write_report
+
+L = 64
+MULTS = (1, 2, 4, 16)
+# (variant, seed) -> ppl at each multiplier; fixed-target uses twice the growth
+PPL = {
+    ("rope", 0): (100.0, 101.0, 104.0, 120.0),
+    ("rope", 1): (110.0, 112.2, 115.5, 121.0),
+    ("alibi", 0): (90.0, 89.1, 88.2, 87.3),
+    ("alibi", 1): (92.0, 91.08, 90.16, 89.24),
+    ("rope+ntk", 0): (100.0, 100.5, 102.0, 110.0),
+    ("rope+ntk", 1): (110.0, 110.0, 111.1, 115.5),
+}
+
+
+def fake_results() -> dict:
+    rows = []
+    for (variant, seed), ppls in PPL.items():
+        scheme, scaling = (variant.split("+") + ["none"])[:2]
+        for protocol, growth in (("nonoverlapping", 1.0), ("fixed_target", 2.0)):
+            for m, p in zip(MULTS, ppls, strict=True):
+                ppl = ppls[0] * (p / ppls[0]) ** growth
+                rows.append(dict(label=f"pos={scheme},seed={seed}", variant=variant, scheme=scheme,
+                                 rope_scaling=scaling, seed=seed, train_len=L, protocol=protocol, length=m * L,
+                                 status="ok", note="", ppl=ppl, tokens=1024))
+    for seed in (0, 1):  # learned: scored at L only
+        for protocol in ("nonoverlapping", "fixed_target"):
+            for m in MULTS:
+                ok = m == 1
+                rows.append(dict(label=f"pos=learned,seed={seed}", variant="learned", scheme="learned",
+                                 rope_scaling="none", seed=seed, train_len=L, protocol=protocol, length=m * L,
+                                 status="ok" if ok else "n/a", note="" if ok else "n/a (table size 64)",
+                                 ppl=120.0 + seed if ok else None, tokens=1024))
+    add_ratios(rows)
+    model = {"n_layer": 2, "d_model": 32, "n_head": 2}
+    ckpts = [dict(label=f"pos={s},seed={seed}", seed=seed, train_len=L, tokens_seen=4096, config={"model": model})
+             for s in ("rope", "alibi", "learned") for seed in (0, 1)]
+    return {"settings": {"split": "test"}, "checkpoints": ckpts, "results": rows, "per_position": []}
+
+
+def test_ratio_stats_are_per_seed_ratios_then_mean_and_std():
+    stats = ratio_stats(fake_results()["results"], "nonoverlapping")
+    a = stats[("rope", 16.0)]
+    r = [120.0 / 100.0, 121.0 / 110.0]
+    assert a["n"] == 2 and a["ratios"] == pytest.approx(r)
+    assert a["mean"] == pytest.approx(sum(r) / 2)
+    assert a["std"] == pytest.approx(abs(r[0] - r[1]) / math.sqrt(2))  # sample std of two values
+    assert stats[("rope", 1.0)]["mean"] == 1.0 and stats[("rope", 1.0)]["std"] == 0.0
+    assert stats[("learned", 4.0)] == {"status": "n/a", "note": "n/a (table size 64)", "n": 0}
+    fixed = ratio_stats(fake_results()["results"], "fixed_target")
+    assert fixed[("rope", 16.0)]["ratios"] == pytest.approx([x**2 for x in r])
+
+
+def test_nearest_multiplier_on_a_log_scale():
+    assert nearest([1.25, 2, 4, 16], 5) == 4
+    assert nearest([1.25, 2, 4, 16], 24) == 16
+    assert nearest([2, 5, 8, 24], 5) == 5
+    assert nearest([1.5, 3], 2) == 1.5  # |log(0.75)| < |log(1.5)|
+
+
+def test_markdown_sets_ours_beside_the_paper():
+    md = study_markdown(fake_results())
+    lines = md.splitlines()
+    paper_header = next(x for x in lines if x.startswith("| scheme |"))
+    assert paper_header == "| scheme | 2 L / ~2 L | 4 L / ~5 L | 16 L / ~24 L |"
+    rope = next(x for x in lines if x.startswith("| rope |") and "/ 1.07" in x)
+    s = ratio_stats(fake_results()["results"], "nonoverlapping")[("rope", 16.0)]
+    assert f"{s['mean']:.2f} ± {s['std']:.2f} / {PAPER_RATIOS['rope'][24]:.2f}" in rope
+    assert "(not run) / 2.20" in next(x for x in lines if x.startswith("| sinusoidal |"))
+    # the headline table: sorted by the ratio at the longest length, n/a last
+    headline = md.split("## Perplexity ratio to L, nonoverlapping")[1].split("##")[0].splitlines()
+    assert [x.split("|")[1].strip() for x in headline if x.startswith("| ")][1:] == ["alibi", "rope+ntk", "rope",
+                                                                                  "learned"]
+    assert "n/a | n/a | n/a" in next(x for x in lines if x.startswith("| learned |"))
+
+
+def test_markdown_fixed_target_beside_nonoverlapping():
+    md = study_markdown(fake_results())
+    section = md.split("## Fixed-target against nonoverlapping")[1].split("##")[0]
+    rope = next(x for x in section.splitlines() if x.startswith("| rope |"))
+    f = ratio_stats(fake_results()["results"], "fixed_target")[("rope", 16.0)]["mean"]
+    n = ratio_stats(fake_results()["results"], "nonoverlapping")[("rope", 16.0)]["mean"]
+    assert rope.endswith(f"| {f:.2f}× / {n:.2f}× |")
+    assert "rope+ntk" not in section  # scaling variants only in the headline table
+    assert "1,024 target tokens" in section
+
+
+def test_write_report_with_the_study_record(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(fake_results()))
+    study = {"command": "python scripts/run_study.py", "commit": "abc123", "machine": "test box", "preset": "cpu",
+             "wall_seconds": 3000.0, "train_seconds": 2400.0, "eval_seconds": 600.0,
+             "runs": [{"run": "pos=rope,seed=0", "exit_code": 0}], "eval_exit_code": 0}
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert report == tmp_path / "eval" / "report.md"
+    assert "| wall time | 50.0 min (training 40.0 min, evaluation 10.0 min) |" in text
+    assert "`abc123`" in text and "Failures" not in text
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.md", "results.json"]  # no temp files
+
+
+def test_write_report_without_results_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json not found: run scripts/run_study.py"):
+        write_report(tmp_path)
+    assert not (tmp_path / "eval").exists()
