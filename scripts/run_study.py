@@ -11,8 +11,9 @@ last checkpoint is not trained again, so rerunning continues a study). Then eval
 checkpoint with the three protocols at the preset's lengths, plus PI, NTK, dynamic NTK and YaRN on the RoPE
 checkpoints, and <out>/eval holds results.{json,csv,md}, the plots and report.md (scripts/study_report.py: ratio
 tables with mean ± std, the ALiBi paper's ratios beside ours, fixed-target against nonoverlapping).
-<out>/study.json records the command, commit, machine and wall times. One wandb group per study (the folder's
-name).
+<out>/study.json records the command, commit, machine and wall times. wandb: one group per scheme,
+<study>-<variant> (its seeds side by side, or averaged with a band in wandb's grouped view), each checkpoint's eval
+run in its training run's group, and every run tagged with the study's name (the folder's).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def main() -> int:
                         *VARIANTS[v],
                         f"seed={seed}",
                         f"logger={args.logger}",
-                        f"logger.group={group}",
+                        f"logger.group={group}-{v}",
+                        f"logger.tags=[extrapolation,{group}]",
                         f"logger.name={v}-seed{seed}",
                         "trainer.progress=false",
                         *args.overrides,
@@ -173,8 +175,8 @@ def main() -> int:
             "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]",
             "eval.progress=false",
             *preset["eval"],
-            f"logger={args.logger}",
-            f"logger.group={group}",
+            f"logger={args.logger}",  # each eval run goes to its checkpoint's training group
+            f"logger.tags=[extrapolation,{group}]",
             f"hydra.run.dir='{out / 'eval'}'",
         ],
         log,
