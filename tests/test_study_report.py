@@ -2,7 +2,11 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from roformer.reporting import add_ratios
@@ -112,3 +116,46 @@ def test_write_report_without_results_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json not found: run scripts/run_study.py"):
         write_report(tmp_path)
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_run_study_end_to_end_and_continues(tmp_path):
+    """scripts/run_study.py on a toy corpus: 2 variants x 2 seeds, evaluation, report; a rerun trains nothing."""
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "tree", "cloud"]
+    for split, n_docs in (("train", 30), ("test", 4)):
+        docs = [" ".join(rng.choice(words, 300)) + "." for _ in range(n_docs)]
+        (tmp_path / f"{split}.txt").write_text("\n\n".join(docs))
+    study = tmp_path / "study"
+    cmd = [sys.executable, str(root / "scripts" / "run_study.py"), "--preset", "quick", "--out", str(study),
+           "--variants", "rope,alibi", "--seeds", "0,1", "--logger", "none", "--",
+           "data=text_files", f"data.train_files=[{tmp_path / 'train.txt'}]",
+           f"data.test_files=[{tmp_path / 'test.txt'}]", "data.txt_sample_by=paragraph",
+           f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300", "model.d_model=32", "model.n_layer=1",
+           "trainer.seq_len=16", "pos.max_len=16", "trainer.batch_size=4", "trainer.max_steps=3",
+           "trainer.eval_interval=0", "trainer.eval_iters=2"]  # fmt: skip
+    env_cmd = dict(capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, **env_cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((study / "study.json").read_text())
+    assert [x["run"] for x in record["runs"]] == [
+        "pos=rope,seed=0", "pos=alibi,seed=0", "pos=rope,seed=1", "pos=alibi,seed=1"
+    ]
+    assert all(x["exit_code"] == 0 for x in record["runs"]) and record["eval_exit_code"] == 0
+    results = json.loads((study / "eval" / "results.json").read_text())
+    assert sorted({(c["scheme"], c["seed"]) for c in results["checkpoints"]}) == [
+        ("alibi", 0), ("alibi", 1), ("rope", 0), ("rope", 1)
+    ]
+    assert {r["rope_scaling"] for r in results["results"] if r["scheme"] == "rope"} == {
+        "none", "pi", "ntk", "dynamic_ntk", "yarn"
+    }
+    report = (study / "eval" / "report.md").read_text()
+    stats = ratio_stats(results["results"], "nonoverlapping")
+    a = stats[("rope", 16.0)]
+    assert a["n"] == 2 and f"{a['mean']:.2f} ± {a['std']:.2f} / 3.50" in report
+    assert "(not run) / 18.60" in report  # sinusoidal was not in this study
+    r2 = subprocess.run(cmd, **env_cmd)  # continues: every run already has its last checkpoint
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.stdout.count("already trained") == 4
+    assert json.loads((study / "study.json").read_text())["runs"] == []
