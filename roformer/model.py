@@ -128,7 +128,9 @@ class _CrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             return grad * g[:, None].to(grad.dtype), None, None, None
-        if g.device.type == "cpu" and g.item() == 1.0:  # loss.backward(): skip a pass over N x V (no sync on CPU)
+        # loss.backward(): skip a pass over N x V (no sync on CPU). Not under torch.compile: .item() would break
+        # the graph before the loss, and torch 2.13 then replays the logits' aliases wrongly from its cache.
+        if g.device.type == "cpu" and not torch.compiler.is_compiling() and g.item() == 1.0:
             return grad, None, None, None
         return grad * g.to(grad.dtype), None, None, None
 

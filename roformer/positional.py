@@ -241,7 +241,9 @@ class RoPE(PositionalScheme):
 
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first rot_dim dims of x (..., T, D) by the given cos/sin (T, rot/2)."""
-        if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):  # differentiable angles
+        # Differentiable angles need the composition; so does torch.compile, which fuses it into one kernel anyway
+        # (the eager node's out= writes would break the graph).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
             return self._apply_rotary_autograd(x, cos, sin)
         return _Rotary.apply(x, cos, sin, self.rot_dim, self.cfg.layout == RopeLayout.interleaved)
 
