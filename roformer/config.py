@@ -114,8 +114,9 @@ class TrainerConfig:
     # step checkpoints kept besides last.pt and best.pt (0: none)
     keep_last: int = 2
     precision: Precision = Precision.auto
-    # torch.compile the model (first steps are slow while it compiles)
-    compile: bool = False
+    # torch.compile the model: true, false, or auto (compile where it pays off for a run this long: on CUDA from
+    # COMPILE_MIN_STEPS["cuda"] steps, on CPU with 2+ threads from COMPILE_MIN_STEPS["cpu"]; see training.py)
+    compile: str = "auto"
     device: Device = Device.auto
     # deterministic algorithms (bit-exact repeat and resume on CPU); on CUDA this also needs
     # CUBLAS_WORKSPACE_CONFIG=:4096:8 and may be slower
@@ -138,6 +139,10 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         self.precision = Precision(self.precision)
         self.device = Device(self.device)
+        words = {"true": "true", "on": "true", "false": "false", "off": "false", "auto": "auto"}
+        if str(self.compile).lower() not in words:
+            raise ValueError(f"trainer.compile={self.compile!r} must be auto, true or false")
+        self.compile = words[str(self.compile).lower()]
         if self.precision == Precision.fp16 and self.device == Device.cpu:
             raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():

@@ -108,6 +108,23 @@ def resolve_precision(precision: Precision, device: torch.device) -> tuple[torch
     )
 
 
+# trainer.compile=auto: the run length (trainer.max_steps, so that a resumed run decides as the original did)
+# from which torch.compile pays for its start-up.
+# CPU, reference shape, 2 threads (docs/performance.md): the first step takes ~40 s longer and later steps are
+# 7-16% faster, ~0.07 s each, so it breaks even after ~600 steps; with 1 thread it gained nothing. CUDA: compile
+# takes about a minute and typically speeds a step up by far more, so a few hundred steps repay it.
+COMPILE_MIN_STEPS = {"cuda": 300, "cpu": 2000}
+
+
+def resolve_compile(setting: str, device: torch.device, steps: int, threads: int) -> bool:
+    """Whether to torch.compile: ``true``/``false`` as given; ``auto`` by device, thread count and run length."""
+    if setting != "auto":
+        return setting == "true"
+    if device.type == "cpu" and threads < 2:
+        return False
+    return steps >= COMPILE_MIN_STEPS.get(device.type, math.inf)
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device, join the process group (NCCL on CUDA, gloo
     on CPU)."""
@@ -357,7 +374,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
         del state
 
     raw_model = model
-    if t.compile:
+    if resolve_compile(t.compile, rt.device, t.max_steps, torch.get_num_threads()):
+        log.info("torch.compile: on (trainer.compile=%s, %d steps)", t.compile, t.max_steps)
         model = torch.compile(model)
     if rt.distributed:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)

@@ -107,10 +107,18 @@ def test_enum_errors_list_the_allowed_values():
     (["model.d_model=100", "model.n_head=3"], "not divisible"),
     (["optim.grad_clip=-1"], "optim.grad_clip"),
     (["trainer.threads=-1"], "trainer.threads=-1 must be >= 0"),
+    (["trainer.compile=maybe"], "trainer.compile='maybe' must be auto, true or false"),
 ])
 def test_cross_field_and_value_checks_name_the_keys(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(*overrides)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("true", "true"), ("True", "true"), ("on", "true"), ("false", "false"), ("off", "false"), ("auto", "auto"),
+])
+def test_compile_setting_accepts_yaml_booleans_and_words(value, expected):
+    assert tiny_config(f"trainer.compile={value}").trainer.compile == expected
 
 
 def test_cli_prints_one_line_for_our_errors_and_exits_nonzero(tmp_path):

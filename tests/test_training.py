@@ -25,6 +25,7 @@ from roformer.training import (
     eval_starts,
     lr_factor,
     param_groups,
+    resolve_compile,
     resolve_precision,
     setup_runtime,
     train,
@@ -88,8 +89,26 @@ def test_precision_auto_resolves_per_device():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+def test_compile_auto_by_device_threads_and_run_length():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("true", cpu, 1, 1) and not resolve_compile("false", cuda, 10**6, 16)
+    assert not resolve_compile("auto", cpu, 600, 2)  # the README's default run: not long enough to repay it
+    assert resolve_compile("auto", cpu, 2000, 2) and not resolve_compile("auto", cpu, 1999, 2)
+    assert not resolve_compile("auto", cpu, 10**6, 1)  # one thread: measured no gain
+    assert resolve_compile("auto", cuda, 300, 1) and not resolve_compile("auto", cuda, 299, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the loop
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(toy_data, tmp_path):
+    over = ("trainer.max_steps=6", "trainer.precision=fp32", "trainer.eval_interval=3")
+    eager = train(tiny_config(*over, "trainer.compile=false"), tmp_path / "eager", data=toy_data)
+    torch._dynamo.reset()
+    compiled = train(tiny_config(*over, "trainer.compile=true"), tmp_path / "compiled", data=toy_data)
+    assert math.isfinite(eager) and compiled == pytest.approx(eager, rel=1e-4)
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
