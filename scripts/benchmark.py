@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import resource
 import statistics
@@ -92,6 +93,8 @@ def build(args, scheme: str, device: str, compile_: bool, code):
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
     opt = torch.optim.AdamW(groups, lr=1e-4, **impl[args.optimizer])
+    # every compiled model is a new guard set on the same code: allow more than torch's default 8 recompiles
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fwd = torch.compile(model, mode=args.compile_mode) if compile_ else model
     return model, fwd, opt
 
@@ -122,8 +125,9 @@ def spread(times: list[float], n: int) -> tuple[float, float, float]:
     return n / statistics.median(times), n / max(times), n / min(times)
 
 
-def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak: float, codes: dict) -> list[dict]:
-    """Time every (code, scheme) for one (dtype, compile, threads) in interleaved rounds."""
+def bench_case(args, dtype: str, compiles: list[bool], threads: int, device: str, peak: float, codes: dict
+               ) -> list[dict]:  # fmt: skip
+    """Time every (code, compile, scheme) for one (dtype, threads) in interleaved rounds."""
     torch.set_num_threads(threads)
     B, T, EB = args.batch, args.seq_len, args.eval_batch or args.batch
     gen = torch.Generator().manual_seed(0)
@@ -134,24 +138,23 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
     pa = torch.randn(args.peak_n, args.peak_n, device=device, dtype=DTYPES[dtype])
     pb = torch.randn(args.peak_n, args.peak_n, device=device, dtype=DTYPES[dtype])
     cases = {}
-    for label, code in codes.items():
-        for s in args.schemes:
-            if args.attention == "linear" and not SCHEMES[s].supports_linear:
-                continue
-            t0 = time.perf_counter()
-            model, fwd, opt = build(args, s, device, compile_, code)
-            for _ in range(args.warmup):
-                train_step(fwd, opt, inp, tgt, device, dtype)
-                eval_step(fwd, ev_x, device, dtype)
-            try:
-                eval_step(fwd, long_x, device, dtype)
-                long_ok = True
-            except ValueError:  # PositionOutOfRange (learned table), from either checkout
-                long_ok = False
-            warm_s = time.perf_counter() - t0  # with compile: mostly compile time
-            name = s if label == "now" else f"{s}@{label}"
-            cases[name] = dict(scheme=s, code=label, model=model, fwd=fwd, opt=opt, long_ok=long_ok, warm_s=warm_s,
-                               train=[], eval=[], eval_long=[], peak=[])  # fmt: skip
+    for (label, code), compile_, s in itertools.product(codes.items(), compiles, args.schemes):
+        if args.attention == "linear" and not SCHEMES[s].supports_linear:
+            continue
+        t0 = time.perf_counter()
+        model, fwd, opt = build(args, s, device, compile_, code)
+        for _ in range(args.warmup):
+            train_step(fwd, opt, inp, tgt, device, dtype)
+            eval_step(fwd, ev_x, device, dtype)
+        try:
+            eval_step(fwd, long_x, device, dtype)
+            long_ok = True
+        except ValueError:  # PositionOutOfRange (learned table), from either checkout
+            long_ok = False
+        warm_s = time.perf_counter() - t0  # with compile: mostly compile time
+        name = (s if label == "now" else f"{s}@{label}") + ("+compile" if compile_ else "")
+        cases[name] = dict(scheme=s, code=label, compile=compile_, model=model, fwd=fwd, opt=opt, long_ok=long_ok,
+                           warm_s=warm_s, train=[], eval=[], eval_long=[], peak=[])  # fmt: skip
     for _ in range(args.rounds):
         for c in cases.values():
             c["peak"].append(2 * args.peak_n**3 / time_call(lambda: pa @ pb, device))  # the peak of this moment
@@ -169,7 +172,7 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
             "scheme": name,
             "code": c["code"],
             "dtype": dtype,
-            "compile": compile_,
+            "compile": c["compile"],
             "threads": threads,
             "attention": args.attention,
             "optimizer": args.optimizer,
@@ -197,9 +200,10 @@ def bench_case(args, dtype: str, compile_: bool, threads: int, device: str, peak
             train_step(c["fwd"], c["opt"], inp, tgt, device, dtype)
             row["peak_train_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
-    for r in rows:  # step time against nope built from the same code, and the ratio of the per-round times
+    for r in rows:  # step time against nope (same code and compile setting), and the ratio of per-round times
         c = cases[r["scheme"]]
-        ref = next((n for n, d in cases.items() if d["scheme"] == "nope" and d["code"] == c["code"]), None)
+        same = [n for n, d in cases.items() if (d["code"], d["compile"]) == (c["code"], c["compile"])]
+        ref = next((n for n in same if cases[n]["scheme"] == "nope"), None)
         r["step_vs_nope"] = r["train_step_s"] / statistics.median(cases[ref]["train"]) if ref else None
         r["step_vs_nope_paired"] = (
             statistics.median(a / b for a, b in zip(c["train"], cases[ref]["train"], strict=True)) if ref else None
@@ -274,11 +278,11 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         torch.set_num_threads(max(threads))
         peaks[dtype] = matmul_peak(args.device, dtype, peak_n)
-        for c in args.compile.split(","):
-            for t in threads:
-                case = bench_case(args, dtype, c == "on", t, args.device, peaks[dtype], codes)
-                rows += case
-                print(fmt(case, {dtype: peaks[dtype]}), flush=True)
+        for t in threads:  # compile settings are timed in the same rounds: their ratio is paired
+            case = bench_case(args, dtype, [c == "on" for c in args.compile.split(",")], t, args.device,
+                              peaks[dtype], codes)  # fmt: skip
+            rows += case
+            print(fmt(case, {dtype: peaks[dtype]}), flush=True)
     print("\n" + fmt(rows, peaks))
     print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.json:

@@ -1,0 +1,33 @@
+"""scripts/benchmark.py on a toy shape: one row per (scheme, compile setting), paired ratios, JSON output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from roformer.model import ModelConfig, TransformerLM
+from roformer.positional import PosConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_rows_ratios_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--schemes", "rope,nope", "--dtypes", "fp32",
+         "--vocab", "64", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "16", "--batch", "2",
+         "--rounds", "3", "--warmup", "1", "--peak-n", "64", "--threads", "1", "--eval-mult", "4",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["scheme"], x["compile"], x["threads"]) for x in rows] == [("rope", False, 1), ("nope", False, 1)]
+    nope = rows[1]
+    assert nope["step_vs_nope"] == 1.0 and nope["step_vs_nope_paired"] == 1.0
+    for x in rows:
+        model = TransformerLM(ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32), PosConfig(name=x["scheme"]))
+        assert x["flops_per_token"] == 6 * model.num_params() + 12 * 1 * 16 * 32
+        assert x["train_tok_s_min"] <= x["train_tok_s"] <= x["train_tok_s_max"]
+        assert x["eval_long_tok_s"] > 0 and 0 < x["mfu_paired"]
+    assert "rope" in r.stdout and "MFU*" in r.stdout
