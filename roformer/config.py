@@ -114,8 +114,8 @@ class TrainerConfig:
     # step checkpoints kept besides last.pt and best.pt (0: none)
     keep_last: int = 2
     precision: Precision = Precision.auto
-    # torch.compile the model: true, false, or auto (compile where it pays off for a run this long: on CUDA from
-    # COMPILE_MIN_STEPS["cuda"] steps, on CPU with 2+ threads from COMPILE_MIN_STEPS["cpu"]; see training.py)
+    # torch.compile the model: true, false, or auto (where it pays off: on CUDA for runs of 300+ steps; not on CPU,
+    # where it gained nothing measurable; see training.resolve_compile)
     compile: str = "auto"
     device: Device = Device.auto
     # deterministic algorithms (bit-exact repeat and resume on CPU); on CUDA this also needs

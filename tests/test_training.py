@@ -89,13 +89,11 @@ def test_precision_auto_resolves_per_device():
         resolve_precision("fp16", torch.device("cpu"))
 
 
-def test_compile_auto_by_device_threads_and_run_length():
+def test_compile_auto_by_device_and_run_length():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_compile("true", cpu, 1, 1) and not resolve_compile("false", cuda, 10**6, 16)
-    assert not resolve_compile("auto", cpu, 600, 2)  # the README's default run: not long enough to repay it
-    assert resolve_compile("auto", cpu, 2000, 2) and not resolve_compile("auto", cpu, 1999, 2)
-    assert not resolve_compile("auto", cpu, 10**6, 1)  # one thread: measured no gain
-    assert resolve_compile("auto", cuda, 300, 1) and not resolve_compile("auto", cuda, 299, 1)
+    assert resolve_compile("true", cpu, 1) and not resolve_compile("false", cuda, 10**6)
+    assert not resolve_compile("auto", cpu, 10**6)  # no measured gain on CPU
+    assert resolve_compile("auto", cuda, 300) and not resolve_compile("auto", cuda, 299)
 
 
 # ----------------------------------------------------------------------------------------------------------
