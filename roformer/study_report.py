@@ -84,7 +84,7 @@ def _ppl_at_train_len(rows: list[dict], protocol: str) -> dict[str, tuple[float,
 
 
 def _order(variants: list[str], stats: dict, last: float) -> list[str]:
-    """Variants sorted by their mean ratio at the longest length (n/a last), RoPE scalings after rope."""
+    """Variants sorted by their mean ratio at the longest length, those without one (n/a) last."""
 
     def key(v):
         a = stats.get((v, last))
