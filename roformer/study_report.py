@@ -49,8 +49,10 @@ def ratio_stats(rows: list[dict], protocol: str) -> dict[tuple[str, float], dict
                 "n": len(a),
                 "ratios": ratios,
             }
-        else:
-            out[key] = {"status": rs[0]["status"], "note": rs[0]["note"], "n": 0}
+        else:  # n/a (learned beyond its table), skipped (text too short), or no score at L to divide by
+            bad = next((r for r in rs if r["status"] != "ok"), None)
+            out[key] = {"status": bad["status"], "note": bad["note"]} if bad else {"status": "no ratio", "note": ""}
+            out[key]["n"] = 0
     return out
 
 
@@ -62,7 +64,7 @@ def _ratio(a: dict | None, std: bool = True) -> str:
     if a is None:
         return ""
     if a["status"] != "ok":
-        return "n/a"
+        return "n/a" if a["status"] == "n/a" else "–"
     if std and a["n"] > 1:
         return f"{a['mean']:.2f} ± {a['std']:.2f}"
     return f"{a['mean']:.2f}×"

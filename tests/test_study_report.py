@@ -63,6 +63,22 @@ def test_ratio_stats_are_per_seed_ratios_then_mean_and_std():
     assert fixed[("rope", 16.0)]["ratios"] == pytest.approx([x**2 for x in r])
 
 
+def test_cells_without_a_ratio_are_marked_not_crashed():
+    results = fake_results()
+    for r in results["results"]:  # fixed-target: rope's text too short at 16 L, alibi's missing at L
+        if r["protocol"] == "fixed_target" and r["variant"] == "rope" and r["length"] == 16 * L:
+            r.update(status="skipped", note="too short", ppl=None)
+        if r["protocol"] == "fixed_target" and r["variant"] == "alibi" and r["length"] == L:
+            r.update(status="skipped", note="too short", ppl=None)
+    add_ratios(results["results"])
+    fixed = ratio_stats(results["results"], "fixed_target")
+    assert fixed[("rope", 16.0)] == {"status": "skipped", "note": "too short", "n": 0}
+    assert fixed[("alibi", 2.0)] == {"status": "no ratio", "note": "", "n": 0}
+    section = study_markdown(results).split("## Fixed-target against nonoverlapping")[1].split("##")[0]
+    assert next(x for x in section.splitlines() if x.startswith("| rope |")).endswith("| n/a |")
+    assert next(x for x in section.splitlines() if x.startswith("| alibi |")) == "| alibi | n/a | n/a | n/a |"
+
+
 def test_nearest_multiplier_on_a_log_scale():
     assert nearest([1.25, 2, 4, 16], 5) == 4
     assert nearest([1.25, 2, 4, 16], 24) == 16
