@@ -22,7 +22,9 @@ as one byte, a separator) and words are the whitespace-separated words of their 
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from roformer.positional import PositionOutOfRange, RopeScaling
+
+log = logging.getLogger(__name__)
 
 
 class Protocol(str, Enum):
@@ -505,7 +509,8 @@ def run_evaluation(cfg, out_dir: Path) -> dict:
         "per_position": [],
     }
     data_cache: dict = {}
-    for p, ck, train_len, lengths, scalings, label in plans:
+    t_start = time.perf_counter()
+    for i, (p, ck, train_len, lengths, scalings, label) in enumerate(plans):
         model = model_from_checkpoint(ck).to(device)
         data_cfg = cfg.data if cfg.data is not None else DataConfig(**ck["data_cfg"])
         key = (repr(data_cfg), ck["tokenizer_json"])
@@ -577,6 +582,9 @@ def run_evaluation(cfg, out_dir: Path) -> dict:
                         }
                     )
         del model
+        if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
+            log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(paths), label,
+                     len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip
     bar.close()
     add_ratios(results["results"])
     write_outputs(results, out_dir)

@@ -280,6 +280,9 @@ def test_evaluate_cli_writes_every_output(two_runs):
     assert len(cells) == (2 + 1) * 3 * 3  # rope, rope+yarn, learned x 3 protocols x 3 lengths
     assert cells[("learned", "nonoverlapping", 64)]["status"] == "n/a"
     assert "n/a (table size 32)" in (out / "results.md").read_text()
+    log = (out / "evaluate.log").read_text()  # without a progress bar, a line per checkpoint
+    assert "checkpoint 1/2 (pos=rope) scored: 18 of 27 cells" in log
+    assert "checkpoint 2/2 (pos=learned) scored: 27 of 27 cells" in log
     ok = [r for r in res["results"] if r["status"] == "ok"]
     stream_counts = {r["tokens"] for r in ok if r["protocol"] != "fixed_target"}
     assert len(stream_counts) == 1  # every length and protocol scored the same stretch
