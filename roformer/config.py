@@ -139,10 +139,11 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         self.precision = Precision(self.precision)
         self.device = Device(self.device)
-        words = {"true": "true", "on": "true", "false": "false", "off": "false", "auto": "auto"}
-        if str(self.compile).lower() not in words:
+        words = {"true": "true", "on": "true", "false": "false", "off": "false", "auto": "auto"}  # YAML booleans too
+        compile_ = words.get(str(self.compile).lower())
+        if compile_ is None:
             raise ValueError(f"trainer.compile={self.compile!r} must be auto, true or false")
-        self.compile = words[str(self.compile).lower()]
+        self.compile = compile_
         if self.precision == Precision.fp16 and self.device == Device.cpu:
             raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():

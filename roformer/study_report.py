@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from roformer.reporting import write_atomic
+from roformer.reporting import aggregate, write_atomic
 
 # Press, Smith & Lewis (2022), "Train Short, Test Long" (ALiBi): WikiText-103, trained at L = 512,
 # nonoverlapping evaluation; perplexity at about 2 L, 5 L and 24 L divided by perplexity at L.
@@ -75,16 +75,6 @@ def nearest(available: list[float], target: float) -> float:
     return min(available, key=lambda m: abs(math.log(m / target)))
 
 
-def _ppl_at_train_len(rows: list[dict], protocol: str) -> dict[str, tuple[float, float, int]]:
-    vals = defaultdict(list)
-    for r in rows:
-        if r["protocol"] == protocol and r["status"] == "ok" and r["length"] == r["train_len"]:
-            vals[r["variant"]].append(r["ppl"])
-    return {
-        v: (float(np.mean(p)), float(np.std(p, ddof=1)) if len(p) > 1 else 0.0, len(p)) for v, p in vals.items()
-    }
-
-
 def _order(variants: list[str], stats: dict, last: float) -> list[str]:
     """Variants sorted by their mean ratio at the longest length, those without one (n/a) last."""
 
@@ -137,23 +127,25 @@ def study_markdown(results: dict, study: dict | None = None) -> str:
         "deviation over seeds.",
         "",
     ]
+    nono = ratio_stats(rows, "nonoverlapping")
     if "nonoverlapping" in protocols:
-        stats = ratio_stats(rows, "nonoverlapping")
-        at_l = _ppl_at_train_len(rows, "nonoverlapping")
-        order = _order(variants, stats, longer[-1]) if longer else variants
+        agg = aggregate(rows)  # ppl mean and std over seeds per (variant, protocol, length)
+        train_len = {r["variant"]: r["train_len"] for r in rows}
+        order = _order(variants, nono, longer[-1]) if longer else variants
         out += ["## Perplexity ratio to L, nonoverlapping", ""]
         out.append("| variant | ppl at L | " + " | ".join(_mult(m) for m in longer) + " |")
         out.append("|---|---|" + "---|" * len(longer))
         for v in order:
-            p = at_l.get(v)
-            ppl = "" if p is None else (f"{p[0]:.1f} ± {p[1]:.1f}" if p[2] > 1 else f"{p[0]:.1f}")
-            out.append(f"| {v} | {ppl} | " + " | ".join(_ratio(stats.get((v, m))) for m in longer) + " |")
+            a = agg.get((v, "nonoverlapping", train_len[v]))
+            ppl = ""
+            if a and a["status"] == "ok":
+                ppl = f"{a['mean']:.1f}" + (f" ± {a['std']:.1f}" if a["n"] > 1 else "")
+            out.append(f"| {v} | {ppl} | " + " | ".join(_ratio(nono.get((v, m))) for m in longer) + " |")
         out.append("")
         if longer:
-            out += _paper_table(stats, longer)
+            out += _paper_table(nono, longer)
     if "fixed_target" in protocols and "nonoverlapping" in protocols and longer:
         fixed = ratio_stats(rows, "fixed_target")
-        nono = ratio_stats(rows, "nonoverlapping")
         tt = sorted({r["tokens"] for r in rows if r["protocol"] == "fixed_target" and r["status"] == "ok"})
         out += [
             "## Fixed-target against nonoverlapping",

@@ -93,8 +93,6 @@ def build(args, scheme: str, device: str, compile_: bool, code):
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
     opt = torch.optim.AdamW(groups, lr=1e-4, **impl[args.optimizer])
-    # every compiled model is a new guard set on the same code: allow more than torch's default 8 recompiles
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fwd = torch.compile(model, mode=args.compile_mode) if compile_ else model
     return model, fwd, opt
 
@@ -202,8 +200,8 @@ def bench_case(args, dtype: str, compiles: list[bool], threads: int, device: str
         rows.append(row)
     for r in rows:  # step time against nope (same code and compile setting), and the ratio of per-round times
         c = cases[r["scheme"]]
-        same = [n for n, d in cases.items() if (d["code"], d["compile"]) == (c["code"], c["compile"])]
-        ref = next((n for n in same if cases[n]["scheme"] == "nope"), None)
+        peer = (c["code"], c["compile"], "nope")
+        ref = next((n for n, d in cases.items() if (d["code"], d["compile"], d["scheme"]) == peer), None)
         r["step_vs_nope"] = r["train_step_s"] / statistics.median(cases[ref]["train"]) if ref else None
         r["step_vs_nope_paired"] = (
             statistics.median(a / b for a, b in zip(c["train"], cases[ref]["train"], strict=True)) if ref else None
@@ -274,6 +272,8 @@ def main() -> None:
         + (f" ref={args.ref}" if args.ref else ""),
         flush=True,
     )
+    # every compiled model is a new guard set on the same code: allow more than torch's default 8 recompiles
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows, peaks = [], {}
     for dtype in args.dtypes.split(","):
         torch.set_num_threads(max(threads))
