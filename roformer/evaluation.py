@@ -482,12 +482,15 @@ def run_evaluation(cfg, out_dir: Path) -> dict:
     from roformer.checkpoint import load_checkpoint, model_from_checkpoint
     from roformer.config import to_plain
     from roformer.data import DataConfig
+    from roformer.malloc import keep_freed_memory
     from roformer.reporting import add_ratios, log_to_wandb, write_outputs
 
     s: EvalSettings = cfg.eval
     device = torch.device(
         "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
     )
+    if device.type == "cpu":
+        keep_freed_memory()  # see roformer/malloc.py
     paths = find_checkpoints(cfg.ckpt, cfg.which)
     ckpts = [load_checkpoint(p) for p in paths]  # read (and validate) every file before any work
     plans, taken = [], set()

@@ -45,6 +45,7 @@ from roformer import checkpoint as ckpt_lib
 from roformer.config import Device, Precision, Schedule, TrainConfig, to_plain
 from roformer.data import PreparedData, WindowSampler, prepare
 from roformer.logging_utils import make_logger
+from roformer.malloc import keep_freed_memory
 from roformer.model import TransformerLM
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # no page faults for the step's large tensors: ~9% faster steps (roformer/malloc.py)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     if cfg.trainer.threads:

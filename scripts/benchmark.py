@@ -36,6 +36,7 @@ import torch
 
 import roformer.model as model_now
 import roformer.positional as positional_now
+from roformer.malloc import keep_freed_memory
 from roformer.positional import SCHEMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,6 +254,8 @@ def main() -> None:
     ap.add_argument("--threads", default="0", help="torch threads, e.g. 1,2 (default 0: torch's choice)")
     ap.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused", "loop"],
                     help="AdamW implementation")  # fmt: skip
+    ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                    help="keep: glibc keeps freed memory, as training does (malloc.py); default: glibc's")
     ap.add_argument("--ref", default="", help="another checkout of the package, timed alongside as scheme@ref")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args()
@@ -261,6 +264,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--schemes: unknown {unknown}; choose from {sorted(SCHEMES)}")
     threads = [int(t) or torch.get_num_threads() for t in args.threads.split(",")]
+    kept = args.malloc == "keep" and keep_freed_memory()
     codes = {"now": (model_now, positional_now)}
     if args.ref:
         codes["ref"] = load_ref(args.ref)
@@ -268,7 +272,7 @@ def main() -> None:
     print(
         f"device={args.device} threads={threads} torch={torch.__version__} "
         f"shape: vocab={args.vocab} d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} "
-        f"seq_len={args.seq_len} batch={args.batch} optimizer={args.optimizer}"
+        f"seq_len={args.seq_len} batch={args.batch} optimizer={args.optimizer} malloc={'keep' if kept else 'default'}"
         + (f" ref={args.ref}" if args.ref else ""),
         flush=True,
     )
