@@ -1,10 +1,14 @@
-"""Hand-written autograd nodes (fused cross-entropy, RoPE rotation) against PyTorch's own ops."""
+"""Hand-written autograd nodes (fused cross-entropy, RoPE rotation, CPU causal attention) against PyTorch's own
+ops and fp64 references, and the allocator setting that CPU training relies on."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from roformer.model import cross_entropy
+from roformer.model import CPU_ATTENTION_MAX_LEN, causal_attention, cross_entropy
 from roformer.positional import PosConfig, RopeLayout, build_positional
 
 
@@ -51,3 +55,127 @@ def test_fused_rotation_matches_the_autograd_composition(layout, fraction):
     fused.backward(g)
     ref.backward(g)
     torch.testing.assert_close(x.grad, y.grad)
+
+
+def _attention_fp64(q, k, v):
+    T = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _rel_rms(a, b):
+    return ((a.double() - b) ** 2).mean().sqrt() / (b**2).mean().sqrt()
+
+
+@pytest.mark.parametrize("T", [2, 37, 128])
+@pytest.mark.parametrize("score_scale", [1.0, 3.0])
+def test_cpu_causal_attention_is_as_precise_as_flash(T, score_scale):
+    """bf16 training path (matmuls, fp32 softmax) against fp64 on the same bf16 inputs, with the flash kernel's
+    own error as the yardstick: outputs and all three gradients."""
+    torch.manual_seed(T)
+    q, k = ((torch.randn(2, 3, T, 32) * score_scale).to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 3, T, 32).to(torch.bfloat16)
+    g = torch.randn(2, 3, T, 32).to(torch.bfloat16)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _attention_fp64(*ref_in)
+    ref.backward(g.double())
+    ours_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = causal_attention(*ours_in)
+    assert ours.grad_fn.name() == "_CausalAttentionBackward"  # the matmul path was taken
+    ours.backward(g)
+    flash_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    flash = F.scaled_dot_product_attention(*flash_in, is_causal=True)
+    flash.backward(g)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    assert _rel_rms(ours, ref) < max(2 * _rel_rms(flash, ref), 2e-3)
+    for a, f, r in zip(ours_in, flash_in, ref_in, strict=True):
+        assert a.grad.dtype == torch.bfloat16
+        assert _rel_rms(a.grad, r.grad) < max(2 * _rel_rms(f.grad, r.grad), 1e-2)
+
+
+def test_cpu_causal_attention_of_one_token_is_its_value():
+    q, k, v = (torch.randn(2, 3, 1, 16).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    out = causal_attention(q, k, v)
+    assert out.grad_fn.name() == "_CausalAttentionBackward"
+    assert torch.equal(out, v)
+    out.sum().backward()
+    assert q.grad.abs().max() == 0 and k.grad.abs().max() == 0 and torch.equal(v.grad, torch.ones_like(v))
+
+
+def test_cpu_causal_attention_under_autocast_inside_a_model_step():
+    """Inside autocast the scores must still be fp32: same loss and gradients as the model on the flash kernel."""
+    from roformer.model import ModelConfig, TransformerLM
+    from roformer.positional import PosConfig
+
+    torch.manual_seed(0)
+    m = TransformerLM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32), PosConfig(max_len=64))
+    x = torch.randint(0, 64, (3, 65))
+    grads = []
+    for limit in (CPU_ATTENTION_MAX_LEN, 0):  # 0: every length above the limit, so the flash kernel
+        m.zero_grad()
+        import roformer.model as model_mod
+
+        saved, model_mod.CPU_ATTENTION_MAX_LEN = model_mod.CPU_ATTENTION_MAX_LEN, limit
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = m(x[:, :-1], x[:, 1:])
+            loss.backward()
+        finally:
+            model_mod.CPU_ATTENTION_MAX_LEN = saved
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l1, l2, atol=2e-3, rtol=0)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=3e-3, rtol=5e-2)
+
+
+def test_cpu_causal_attention_falls_back_where_it_does_not_pay():
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert causal_attention(q, q, q).grad_fn.name() == "_CausalAttentionBackward"
+    long = torch.randn(1, 1, CPU_ATTENTION_MAX_LEN + 1, 16, dtype=torch.bfloat16, requires_grad=True)
+    cases = {
+        "fp32": (q.detach().float().requires_grad_(),) * 3,
+        "no grad": (q.detach(),) * 3,
+        "longer than the limit": (long,) * 3,
+    }
+    for name, args in cases.items():
+        out = causal_attention(*args)
+        assert out.grad_fn is None or "CausalAttention" not in out.grad_fn.name(), name
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(*args, is_causal=True), msg=name)
+    with torch.no_grad():
+        assert causal_attention(q, q, q).grad_fn is None
+    assert "CausalAttention" not in causal_attention(q, q, q, dropout_p=0.1).grad_fn.name()
+
+
+_FAULTS = """
+import resource, sys, torch
+from roformer.malloc import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() and keep_freed_memory()  # idempotent
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+for _ in range(12):  # like a training step: the same large tensor made, written and freed, again and again
+    torch.ones(64 << 20, dtype=torch.uint8)
+f0, r0 = faults(), rss_mb()
+for _ in range(5):
+    torch.ones(64 << 20, dtype=torch.uint8)
+print(faults() - f0, rss_mb() - r0)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
+def test_kept_freed_memory_ends_page_faults_of_repeated_large_tensors():
+    """A 64 MB tensor made and freed 17 times; the last 5 are counted. glibc's default maps fresh pages each time
+    and faults them all in again (16,384 faults of 4 kB per tensor). With keep_freed_memory the heap grows to a
+    few copies in the first iterations (glibc's bins) and then serves every one from pages already there: no
+    faults and no growth."""
+    counts = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        counts[mode] = [int(x) for x in out.stdout.split()]
+    assert counts["default"][0] > 5 * 8000, counts  # at least half the pages of each tensor faulted again
+    assert counts["keep"][0] < 1000, counts
+    assert counts["keep"][1] < 32, counts  # MB of resident memory gained over the 5 counted tensors
