@@ -158,7 +158,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, PosConfig]:
-    return ModelConfig(**ckpt["model_cfg"]), PosConfig(**ckpt["pos_cfg"])
+    # checkpoints from before model.activation existed were all trained with the tanh GELU
+    return ModelConfig(**{"activation": "gelu_tanh", **ckpt["model_cfg"]}), PosConfig(**ckpt["pos_cfg"])
 
 
 def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") -> TransformerLM:

@@ -29,6 +29,11 @@ class AttentionKind(str, Enum):
     linear = "linear"
 
 
+class Activation(str, Enum):
+    gelu = "gelu"  # exact (erf), as in BERT and RoFormer
+    gelu_tanh = "gelu_tanh"  # GPT-2's tanh approximation; the only one before this option existed
+
+
 @dataclass
 class ModelConfig:
     """Shape of the transformer."""
@@ -45,6 +50,9 @@ class ModelConfig:
     # LM head shares the token embedding matrix
     tie_embeddings: bool = True
     attention: AttentionKind = AttentionKind.softmax
+    # MLP activation. The exact GELU is also the fast one on CPU: PyTorch's bf16 forward takes 1 ms against the
+    # tanh form's 4 ms on a (16, 256, 1024) activation (2 threads), backward about equal.
+    activation: Activation = Activation.gelu
     # additive-bias path: queries per block (bounds memory at long lengths: H x block x keys floats)
     bias_block: int = 512
     # linear attention: chunk length of the chunked causal scan
@@ -65,6 +73,7 @@ class ModelConfig:
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be positive")
         self.attention = AttentionKind(self.attention)
+        self.activation = Activation(self.activation)
 
     @property
     def head_dim(self) -> int:
@@ -293,9 +302,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == Activation.gelu_tanh else "none"
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

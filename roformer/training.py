@@ -283,7 +283,8 @@ def resume_path(resume: str, run_dir: Path) -> Path | None:
 
 def check_compatible(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse a checkpoint of another model or positional scheme, naming the differing fields."""
-    saved_model = {k: v for k, v in ckpt["model_cfg"].items() if k != "vocab_size"}
+    saved_cfg = to_plain(ckpt_lib.configs_from_checkpoint(ckpt)[0])  # with the defaults of older checkpoints
+    saved_model = {k: v for k, v in saved_cfg.items() if k != "vocab_size"}
     cur_model = {k: v for k, v in to_plain(cfg.model).items() if k != "vocab_size"}
     diff = ckpt_lib.config_diff(saved_model, cur_model, "model") + ckpt_lib.config_diff(
         ckpt["pos_cfg"], to_plain(cfg.pos), "pos")

@@ -184,6 +184,7 @@ def test_tied_head_and_flops():
         ({"n_layer": 0}, "model.n_layer=0 must be a positive integer"),
         ({"dropout": 1.0}, "model.dropout=1.0"),
         ({"attention": "quadratic"}, "quadratic"),
+        ({"activation": "relu"}, "relu"),
     ],
 )
 def test_bad_model_config(kwargs, fragment):
@@ -193,3 +194,25 @@ def test_bad_model_config(kwargs, fragment):
 
 def test_attention_kind_accepts_strings():
     assert ModelConfig(attention="linear").attention is AttentionKind.linear
+
+
+@pytest.mark.parametrize("activation, approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_mlp_activation(activation, approximate):
+    m = tiny("nope", activation=activation)
+    x = torch.randn(2, 5, 32)
+    mlp = m.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), mlp.proj(F.gelu(mlp.fc(x), approximate=approximate)), rtol=0, atol=0)
+    other = "tanh" if approximate == "none" else "none"
+    assert not torch.allclose(mlp(x), mlp.proj(F.gelu(mlp.fc(x), approximate=other)), rtol=0, atol=1e-7)
+
+
+def test_checkpoints_from_before_the_activation_option_load_as_tanh_gelu():
+    from roformer.checkpoint import configs_from_checkpoint
+    from roformer.config import to_plain
+
+    old = to_plain(ModelConfig(activation="gelu_tanh"))
+    del old["activation"]  # what a checkpoint written before the option holds
+    cfg, _ = configs_from_checkpoint({"model_cfg": old, "pos_cfg": to_plain(PosConfig())})
+    assert cfg.activation.value == "gelu_tanh"
+    new, _ = configs_from_checkpoint({"model_cfg": to_plain(ModelConfig()), "pos_cfg": to_plain(PosConfig())})
+    assert new.activation.value == "gelu"

@@ -183,6 +183,21 @@ def test_resume_from_another_shape_names_the_fields(toy_data, tmp_path):
               data=toy_data)
 
 
+def test_resume_of_a_checkpoint_from_before_model_activation(toy_data, tmp_path):
+    """Such a checkpoint was trained with the tanh GELU: resuming it under the new default is refused with the
+    field named, and with model.activation=gelu_tanh it resumes."""
+    train(tiny_config("trainer.max_steps=2", "model.activation=gelu_tanh"), tmp_path, data=toy_data)
+    path = tmp_path / "checkpoints/last.pt"
+    ck = torch.load(path, weights_only=False)
+    del ck["model_cfg"]["activation"]
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=r"model.activation=gelu_tanh \(checkpoint\) vs gelu \(this run\)"):
+        train(tiny_config("trainer.max_steps=3", f"trainer.resume={path}"), tmp_path / "b", data=toy_data)
+    train(tiny_config("trainer.max_steps=3", "model.activation=gelu_tanh", f"trainer.resume={path}"),
+          tmp_path / "c", data=toy_data)  # fmt: skip
+    assert ckpt_lib.load_checkpoint(tmp_path / "c/checkpoints/last.pt")["step"] == 3
+
+
 def test_truncated_foreign_and_missing_checkpoints_give_one_line_errors(toy_data, tmp_path):
     train(tiny_config("trainer.max_steps=2"), tmp_path, data=toy_data)
     good = (tmp_path / "checkpoints/last.pt").read_bytes()
