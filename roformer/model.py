@@ -151,78 +151,104 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     return _CrossEntropy.apply(logits, targets, reduction, ignore_index)
 
 
-# Causal bf16 attention on CPU at these lengths or less runs as matmuls (faster than the flash kernel there):
-# _CausalAttention in training, _causal_attention_forward without autograd.
+# bf16 attention on CPU over at most this many keys runs as matmuls (faster than the flash kernel there):
+# _MatmulAttention in training, _attention_forward without autograd.
 CPU_ATTENTION_MAX_LEN = 512
 
 
-class _CausalAttention(torch.autograd.Function):
-    """Causal softmax attention for bf16 training on CPU, as batched matmuls: about half the time of the CPU
-    flash kernel's forward + backward at T <= 512 (2 threads, B*T = 4096, head_dim 64: 20 against 35 ms per
-    layer at T = 256; slower from T = 1024). Without autograd, _causal_attention_forward does the same forward.
+def _probs(q3, k3, mask3):
+    """softmax(q k^T / sqrt(D) + mask) for (N, T, D), (N, S, D) and a mask broadcastable to (N, T, S): scores and
+    softmax in fp32 (products of bf16 q and k are exact in fp32), probabilities rounded to q's dtype."""
+    scores = torch.baddbmm(mask3, q3.float(), k3.float().transpose(1, 2), alpha=q3.shape[-1] ** -0.5)
+    return torch.softmax(scores, dim=-1).to(q3.dtype)
+
+
+def _flat_mask(mask, B, H, T, S):
+    """An additive mask as baddbmm's (T, S) or (B H, T, S) input, fp32."""
+    mask = mask.float()
+    return mask if mask.dim() == 2 else mask.expand(B, H, T, S).reshape(B * H, T, S)
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """Softmax attention for bf16 training on CPU, as batched matmuls: about half the time of the CPU flash
+    kernel's forward + backward over at most 512 keys (2 threads, B*T = 4096, head_dim 64: 20 against 35 ms per
+    causal layer at T = 256; slower from T = 1024). ``mask`` is additive (-inf hides a key), broadcastable to
+    (B, H, T, S): the causal mask, or a positional bias with the causal mask in it, whose gradient is returned.
 
     As precise as the flash kernel (gradients' relative rms error against fp64 0.3-0.5%, flash's 0.3-0.5%): the
-    scores and the softmax are fp32 (products of bf16 q and k are exact in fp32), the probabilities are rounded
-    to bf16 for the product with v, as flash does, and kept (2 bytes per score) for the backward, whose softmax
-    gradient is computed in fp32 inside the kernel. The (B H, T, T) probabilities are what bounds it to short
-    sequences.
+    scores and the softmax are fp32, the probabilities are rounded to bf16 for the product with v, as flash does,
+    and kept (2 bytes per score) for the backward, whose softmax gradient is computed in fp32 inside the kernel.
+    The (B H, T, S) probabilities are what bounds it to short sequences.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v):  # (B, H, T, D) each
+    def forward(ctx, q, k, v, mask):  # q (B, H, T, D); k, v (B, H, S, D)
         B, H, T, D = q.shape
-        q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q, k, v))
+        S = k.shape[2]
+        q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
         with torch.autocast(q.device.type, enabled=False):
-            causal = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
-            scores = torch.baddbmm(causal, q3.float(), k3.float().transpose(1, 2), alpha=D**-0.5)
-            p = torch.softmax(scores, dim=-1).to(q.dtype)  # (B H, T, T)
+            p = _probs(q3, k3, _flat_mask(mask, B, H, T, S))  # (B H, T, S)
             ctx.save_for_backward(q3, k3, v3, p)
+            ctx.mask_shape = mask.shape
             return torch.bmm(p, v3).view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, g):
         q3, k3, v3, p = ctx.saved_tensors
         B, H, T, D = g.shape
+        S = k3.shape[1]
         g3 = g.reshape(B * H, T, D).to(q3.dtype)
         with torch.autocast(g.device.type, enabled=False):
             dv = torch.bmm(p.transpose(1, 2), g3)
             ds = torch._softmax_backward_data(torch.bmm(g3, v3.transpose(1, 2)), p, -1, p.dtype)  # d scores
-            dq = torch.bmm(ds, k3).mul_(D**-0.5)  # the scale on the (T, D) results, not the (T, T) scores
+            dq = torch.bmm(ds, k3).mul_(D**-0.5)  # the scale on the (T, D) results, not the (T, S) scores
             dk = torch.bmm(ds.transpose(1, 2), q3).mul_(D**-0.5)
-        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D)
+            dmask = None
+            if ctx.needs_input_grad[3]:  # a learned bias: d mask = d scores, summed over broadcast dimensions
+                dmask = ds.view(B, H, T, S).float().sum_to_size(ctx.mask_shape)
+        return dq.view(B, H, T, D), dk.view(B, H, S, D), dv.view(B, H, S, D), dmask
 
 
-def _causal_attention_forward(q, k, v):
-    """Forward only (no autograd): the same arithmetic as _CausalAttention, by blocks of queries, each against
-    only the keys it can see, which skips most of the masked half of the scores. 7.4 against the flash kernel's
-    10.0 ms per layer at T = 256 (2 threads, B*T = 4096), 12.3 against 16.0 at T = 512, equal at 1024."""
+def _attention_forward(q, k, v, mask):
+    """Forward only (no autograd), the arithmetic of _MatmulAttention. Causal (mask None): by blocks of queries,
+    each against only the keys it can see, which skips most of the masked half of the scores: 7.4 against the
+    flash kernel's 10.0 ms per layer at T = 256 (2 threads, B*T = 4096), 12.3 against 16.0 at T = 512."""
     B, H, T, D = q.shape
-    q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q, k, v))
-    qf, kf = q3.float(), k3.float()
+    S = k.shape[2]
+    q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
+    if mask is not None:
+        return torch.bmm(_probs(q3, k3, _flat_mask(mask, B, H, T, S)), v3).view(B, H, T, D)
     step = max(64, -(-T // 4))
     out = []
     for s in range(0, T, step):
         e = min(s + step, T)
         causal = torch.full((e - s, e), float("-inf"), device=q.device).triu_(s + 1)  # key j > query s + i
-        p = torch.softmax(torch.baddbmm(causal, qf[:, s:e], kf[:, :e].transpose(1, 2), alpha=D**-0.5), dim=-1)
-        out.append(torch.bmm(p.to(q.dtype), v3[:, :e]))
+        out.append(torch.bmm(_probs(q3[:, s:e], k3[:, :e], causal), v3[:, :e]))
     return torch.cat(out, dim=1).view(B, H, T, D)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs, with the fastest kernel for the case."""
+def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with the fastest kernel for the case. q (B, H, T, D), k and v
+    (B, H, S, D); ``mask`` None: causal with the keys being the queries; else additive (fp32, -inf hides a key),
+    broadcastable to (B, H, T, S)."""
     if (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
-        and q.shape[2] <= CPU_ATTENTION_MAX_LEN
+        and k.shape[2] <= CPU_ATTENTION_MAX_LEN
         and dropout_p == 0.0
         and not torch.compiler.is_compiling()
     ):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _CausalAttention.apply(q, k, v)
+        inputs = (q, k, v) if mask is None else (q, k, v, mask)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            if mask is None:
+                T = q.shape[2]
+                mask = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
+            return _MatmulAttention.apply(q, k, v, mask)
         with torch.autocast("cpu", enabled=False):
-            return _causal_attention_forward(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            return _attention_forward(q, k, v, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -252,7 +278,7 @@ class CausalSelfAttention(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         if not pos.has_bias:
             if ctx.is_causal:
-                return causal_attention(q, k, v, p)
+                return attention(q, k, v, dropout_p=p)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=p)
         # Additive bias: one block of queries at a time, so the (H, block, S) bias is all that is materialised.
         # When the keys are the queries themselves (no cache), a block [s, e) only needs keys [0, e): the later
@@ -266,8 +292,8 @@ class CausalSelfAttention(nn.Module):
             )
             bias = pos.bias(q[:, :, idx], bctx, self.layer, idx)
             allowed = bctx.k_pos[None, :] <= ctx.q_pos[idx, None]  # (t, S)
-            bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
-            out.append(F.scaled_dot_product_attention(q[:, :, idx], kb, vb, attn_mask=bias, dropout_p=p))
+            bias = bias.masked_fill(~allowed, float("-inf"))
+            out.append(attention(q[:, :, idx], kb, vb, bias, dropout_p=p))
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def _linear(self, q, k, v, pos, ctx, cache):

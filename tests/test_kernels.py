@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from roformer.model import CPU_ATTENTION_MAX_LEN, causal_attention, cross_entropy
+from roformer.model import CPU_ATTENTION_MAX_LEN, attention, cross_entropy
 from roformer.positional import PosConfig, RopeLayout, build_positional
 
 
@@ -81,8 +81,8 @@ def test_cpu_causal_attention_is_as_precise_as_flash(T, score_scale):
     ref = _attention_fp64(*ref_in)
     ref.backward(g.double())
     ours_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ours = causal_attention(*ours_in)
-    assert ours.grad_fn.name() == "_CausalAttentionBackward"  # the matmul path was taken
+    ours = attention(*ours_in)
+    assert ours.grad_fn.name() == "_MatmulAttentionBackward"  # the matmul path was taken
     ours.backward(g)
     flash_in = [t.clone().requires_grad_() for t in (q, k, v)]
     flash = F.scaled_dot_product_attention(*flash_in, is_causal=True)
@@ -90,7 +90,7 @@ def test_cpu_causal_attention_is_as_precise_as_flash(T, score_scale):
     assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
     assert _rel_rms(ours, ref) < max(2 * _rel_rms(flash, ref), 2e-3)
     with torch.inference_mode():  # evaluation: the blocked forward, same arithmetic
-        forward_only = causal_attention(q, k, v)
+        forward_only = attention(q, k, v)
     torch.testing.assert_close(forward_only, ours.detach(), atol=1e-2, rtol=1e-2)
     assert _rel_rms(forward_only, ref) < max(2 * _rel_rms(flash, ref), 2e-3)
     for a, f, r in zip(ours_in, flash_in, ref_in, strict=True):
@@ -98,22 +98,51 @@ def test_cpu_causal_attention_is_as_precise_as_flash(T, score_scale):
         assert _rel_rms(a.grad, r.grad) < max(2 * _rel_rms(f.grad, r.grad), 1e-2)
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 3, 20, 50), (2, 3, 20, 50)])
+def test_cpu_attention_with_a_learned_bias_gives_its_gradient(bias_shape):
+    """20 queries against 50 keys (a block of queries after earlier keys) with an additive bias that has -inf
+    entries: output and the gradients of q, k, v and the bias against fp64."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 3, 20, 16).to(torch.bfloat16)
+    k, v = (torch.randn(2, 3, 50, 16).to(torch.bfloat16) for _ in range(2))
+    bias = torch.randn(bias_shape)
+    bias[..., 45:] = float("-inf")  # hidden keys
+    g = torch.randn(2, 3, 20, 16).to(torch.bfloat16)
+    ours_in = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    ours = attention(*ours_in)
+    assert ours.grad_fn.name() == "_MatmulAttentionBackward"
+    ours.backward(g)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    s = ref_in[0] @ ref_in[1].transpose(-1, -2) / 4 + ref_in[3]
+    ref = torch.softmax(s, -1) @ ref_in[2]
+    ref.backward(g.double())
+    assert _rel_rms(ours, ref) < 5e-3
+    for a, r in zip(ours_in, ref_in, strict=True):
+        assert a.grad.shape == r.grad.shape
+        assert _rel_rms(a.grad, r.grad) < 1e-2
+    assert ours_in[3].grad[..., 45:].abs().max() == 0  # hidden keys get no gradient
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(q, k, v, bias), ours.detach(), atol=1e-2, rtol=1e-2)
+
+
 def test_cpu_causal_attention_of_one_token_is_its_value():
     q, k, v = (torch.randn(2, 3, 1, 16).to(torch.bfloat16).requires_grad_() for _ in range(3))
-    out = causal_attention(q, k, v)
-    assert out.grad_fn.name() == "_CausalAttentionBackward"
+    out = attention(q, k, v)
+    assert out.grad_fn.name() == "_MatmulAttentionBackward"
     assert torch.equal(out, v)
     out.sum().backward()
     assert q.grad.abs().max() == 0 and k.grad.abs().max() == 0 and torch.equal(v.grad, torch.ones_like(v))
 
 
-def test_cpu_causal_attention_under_autocast_inside_a_model_step():
-    """Inside autocast the scores must still be fp32: same loss and gradients as the model on the flash kernel."""
+@pytest.mark.parametrize("scheme", ["rope", "alibi", "t5", "relative"])
+def test_cpu_matmul_attention_under_autocast_inside_a_model_step(scheme):
+    """Inside autocast the scores must still be fp32: same loss and gradients (the bias tables' included) as the
+    model on the flash kernel, causal and with each kind of additive bias (fixed, bucketed table, q-dependent)."""
     from roformer.model import ModelConfig, TransformerLM
     from roformer.positional import PosConfig
 
     torch.manual_seed(0)
-    m = TransformerLM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32), PosConfig(max_len=64))
+    m = TransformerLM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32), PosConfig(scheme, max_len=64))
     x = torch.randint(0, 64, (3, 65))
     grads = []
     for limit in (CPU_ATTENTION_MAX_LEN, 0):  # 0: every length above the limit, so the flash kernel
@@ -136,19 +165,19 @@ def test_cpu_causal_attention_under_autocast_inside_a_model_step():
 
 def test_cpu_causal_attention_falls_back_where_it_does_not_pay():
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
-    assert causal_attention(q, q, q).grad_fn.name() == "_CausalAttentionBackward"
+    assert attention(q, q, q).grad_fn.name() == "_MatmulAttentionBackward"
     long = torch.randn(1, 1, CPU_ATTENTION_MAX_LEN + 1, 16, dtype=torch.bfloat16, requires_grad=True)
     cases = {
         "fp32": (q.detach().float().requires_grad_(),) * 3,
         "longer than the limit": (long,) * 3,
     }
     for name, args in cases.items():
-        out = causal_attention(*args)
-        assert out.grad_fn is None or "CausalAttention" not in out.grad_fn.name(), name
+        out = attention(*args)
+        assert out.grad_fn is None or "MatmulAttention" not in out.grad_fn.name(), name
         torch.testing.assert_close(out, F.scaled_dot_product_attention(*args, is_causal=True), msg=name)
     with torch.no_grad():
-        assert causal_attention(q, q, q).grad_fn is None  # the forward-only path
-    assert "CausalAttention" not in causal_attention(q, q, q, dropout_p=0.1).grad_fn.name()
+        assert attention(q, q, q).grad_fn is None  # the forward-only path
+    assert "MatmulAttention" not in attention(q, q, q, dropout_p=0.1).grad_fn.name()
 
 
 _FAULTS = """
