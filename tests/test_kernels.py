@@ -16,8 +16,8 @@ from roformer.positional import PosConfig, RopeLayout, build_positional
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_matches_pytorch(reduction, dtype):
     torch.manual_seed(0)
-    logits = (torch.randn(300, 1000) * 3).to(dtype)  # more rows than one block at this vocabulary
-    targets = torch.randint(0, 1000, (300,))
+    logits = (torch.randn(300, 4096) * 3).to(dtype)  # 3 blocks of rows at this vocabulary, the last one short
+    targets = torch.randint(0, 4096, (300,))
     targets[::7] = -100  # ignored rows
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
@@ -30,6 +30,17 @@ def test_cross_entropy_matches_pytorch(reduction, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
     assert a.grad[::7].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_cross_entropy_is_exact_for_targets_far_below_the_best_logit():
+    """Softmax of the target underflows fp32 here (210 nats); the loss must still be the exact logsumexp - x."""
+    logits = torch.zeros(3, 50)
+    logits[0, 7], logits[0, 3] = 90.0, -120.0  # target 3: 210 nats below the best logit
+    logits[1, 2] = 1e4  # a huge logit that is the target
+    targets = torch.tensor([3, 2, 0])
+    ours = cross_entropy(logits, targets, "none")
+    torch.testing.assert_close(ours, F.cross_entropy(logits.double(), targets, reduction="none").float())
+    assert ours[0].item() == pytest.approx(210.0, rel=1e-6) and ours[1].item() == 0.0
 
 
 def test_cross_entropy_rejects_unknown_reduction():
