@@ -158,11 +158,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 CPU_ATTENTION_MAX_LEN = 512
 
 
-def _probs(q3, k3, mask3):
-    """softmax(q k^T / sqrt(D) + mask) for (N, T, D), (N, S, D) and a mask broadcastable to (N, T, S): scores and
-    softmax in fp32 (products of bf16 q and k are exact in fp32), probabilities rounded to q's dtype."""
-    scores = torch.baddbmm(mask3, q3.float(), k3.float().transpose(1, 2), alpha=q3.shape[-1] ** -0.5)
-    return torch.softmax(scores, dim=-1).to(q3.dtype)
+def _probs(qf, kf, mask3, dtype):
+    """softmax(q k^T / sqrt(D) + mask) for fp32 (N, T, D), (N, S, D) and a mask broadcastable to (N, T, S): scores
+    and softmax in fp32 (products of bf16 q and k are exact in fp32), probabilities rounded to ``dtype``."""
+    scores = torch.baddbmm(mask3, qf, kf.transpose(1, 2), alpha=qf.shape[-1] ** -0.5)
+    return torch.softmax(scores, dim=-1).to(dtype)
 
 
 def _flat_mask(mask, B, H, T, S):
@@ -189,7 +189,7 @@ class _MatmulAttention(torch.autograd.Function):
         S = k.shape[2]
         q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
         with torch.autocast(q.device.type, enabled=False):
-            p = _probs(q3, k3, _flat_mask(mask, B, H, T, S))  # (B H, T, S)
+            p = _probs(q3.float(), k3.float(), _flat_mask(mask, B, H, T, S), q.dtype)  # (B H, T, S)
             ctx.save_for_backward(q3, k3, v3, p)
             ctx.mask_shape = mask.shape
             return torch.bmm(p, v3).view(B, H, T, D)
@@ -218,14 +218,15 @@ def _attention_forward(q, k, v, mask):
     B, H, T, D = q.shape
     S = k.shape[2]
     q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
+    qf, kf = q3.float(), k3.float()
     if mask is not None:
-        return torch.bmm(_probs(q3, k3, _flat_mask(mask, B, H, T, S)), v3).view(B, H, T, D)
+        return torch.bmm(_probs(qf, kf, _flat_mask(mask, B, H, T, S), q.dtype), v3).view(B, H, T, D)
     step = max(64, -(-T // 4))
     out = []
     for s in range(0, T, step):
         e = min(s + step, T)
         causal = torch.full((e - s, e), float("-inf"), device=q.device).triu_(s + 1)  # key j > query s + i
-        out.append(torch.bmm(_probs(q3[:, s:e], k3[:, :e], causal), v3[:, :e]))
+        out.append(torch.bmm(_probs(qf[:, s:e], kf[:, :e], causal, q.dtype), v3[:, :e]))
     return torch.cat(out, dim=1).view(B, H, T, D)
 
 
