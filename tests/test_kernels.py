@@ -146,29 +146,32 @@ def test_cpu_causal_attention_of_one_token_is_its_value():
 
 
 @pytest.mark.parametrize("scheme", ["rope", "alibi", "t5", "relative"])
-def test_cpu_matmul_attention_under_autocast_inside_a_model_step(scheme):
+def test_cpu_matmul_attention_under_autocast_inside_a_model_step(scheme, monkeypatch):
     """Inside autocast the scores must still be fp32: same loss and gradients (the bias tables' included) as the
     model on the flash kernel, causal and with each kind of additive bias (fixed, bucketed table, q-dependent)."""
+    import roformer.model as model_mod
     from roformer.model import ModelConfig, TransformerLM
     from roformer.positional import PosConfig
 
     torch.manual_seed(0)
     m = TransformerLM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32), PosConfig(scheme, max_len=64))
     x = torch.randint(0, 64, (3, 65))
-    grads = []
-    for limit in (CPU_ATTENTION_MAX_LEN, 0):  # 0: every length above the limit, so the flash kernel
-        m.zero_grad()
-        import roformer.model as model_mod
+    calls = []
+    matmul_attention = model_mod._MatmulAttention.apply
+    monkeypatch.setattr(model_mod._MatmulAttention, "apply", lambda *a: calls.append(1) or matmul_attention(*a))
 
-        saved, model_mod.CPU_ATTENTION_MAX_LEN = model_mod.CPU_ATTENTION_MAX_LEN, limit
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                _, loss = m(x[:, :-1], x[:, 1:])
-            loss.backward()
-        finally:
-            model_mod.CPU_ATTENTION_MAX_LEN = saved
-        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
-    (l1, g1), (l2, g2) = grads
+    def step(max_len):
+        monkeypatch.setattr(model_mod, "CPU_ATTENTION_MAX_LEN", max_len)
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    l1, g1 = step(CPU_ATTENTION_MAX_LEN)
+    assert len(calls) == 2  # one per layer
+    l2, g2 = step(0)  # every length is above the limit: the flash kernel
+    assert len(calls) == 2
     torch.testing.assert_close(l1, l2, atol=2e-3, rtol=0)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=3e-3, rtol=5e-2)
