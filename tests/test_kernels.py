@@ -68,11 +68,13 @@ def test_fused_rotation_matches_the_autograd_composition(layout, fraction):
     torch.testing.assert_close(x.grad, y.grad)
 
 
-def _attention_fp64(q, k, v):
-    T = q.shape[2]
+def _attention_fp64(q, k, v, mask=None):
+    """The textbook formula; mask None: causal, else added to the scores."""
     s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1) @ v
+    if mask is None:
+        T = q.shape[2]
+        return torch.softmax(s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1) @ v
+    return torch.softmax(s + mask, -1) @ v
 
 
 def _rel_rms(a, b):
@@ -124,8 +126,7 @@ def test_cpu_attention_with_a_learned_bias_gives_its_gradient(bias_shape):
     assert ours.grad_fn.name() == "_MatmulAttentionBackward"
     ours.backward(g)
     ref_in = [t.double().requires_grad_() for t in (q, k, v, bias)]
-    s = ref_in[0] @ ref_in[1].transpose(-1, -2) / 4 + ref_in[3]
-    ref = torch.softmax(s, -1) @ ref_in[2]
+    ref = _attention_fp64(*ref_in)
     ref.backward(g.double())
     assert _rel_rms(ours, ref) < 5e-3
     for a, r in zip(ours_in, ref_in, strict=True):
