@@ -9,7 +9,8 @@
     python evaluate.py ckpt=RUN logger=none hydra.run.dir=outputs/eval1
 
 Outputs in the run folder: results.json, results.csv, results.md, ppl_vs_length.png, per_position.png.
-Settings: configs/evaluate.yaml; schema: roformer/config.py (EvalConfig); logic: roformer/evaluation.py.
+Settings: configs/evaluate.yaml; schema: roformer/eval_run.py (EvalConfig) and roformer/evaluation.py (EvalSettings);
+what runs: roformer/eval_run.py; scoring: roformer/evaluation.py; files: roformer/reporting.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from roformer.config import to_eval_config
-from roformer.evaluation import run_evaluation
+from roformer.config import check_output_dir, to_eval_config
+from roformer.eval_run import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -39,4 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_output_dir(sys.argv[1:])
     main()

@@ -7,7 +7,8 @@
     python train.py hydra.run.dir=outputs/r1 trainer.resume=auto  # continue a killed run
     torchrun --nproc_per_node=2 train.py trainer.batch_size=8   # DDP (gloo on CPU, NCCL on CUDA)
 
-Configs: configs/train.yaml and its groups; schema and checks: roformer/config.py; loop: roformer/training.py.
+Configs: configs/train.yaml and its groups; schemas beside their code, composed in roformer/config.py;
+loop: roformer/training.py.
 A run folder holds train.log, metrics.jsonl, .hydra/ (the composed config), wandb/ and checkpoints/{last,best}.pt.
 """
 
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from roformer.config import to_config
+from roformer.config import check_output_dir, to_config
 from roformer.training import TrainingDiverged, train
 
 log = logging.getLogger("train")
@@ -45,29 +46,6 @@ def main(cfg: DictConfig) -> float:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def check_output_dir(argv: list[str]) -> None:
-    """Refuse, in one line, an explicit output folder that cannot be created (Hydra would make it first and fail
-    with a traceback). Creates nothing: probes the nearest existing parent."""
-    import tempfile
-
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
-            continue
-        parent = Path(value).absolute()
-        while not parent.exists():
-            parent = parent.parent
-        try:
-            if not parent.is_dir():
-                raise NotADirectoryError("not a folder")
-            with tempfile.TemporaryFile(dir=parent):
-                pass
-        except OSError as e:
-            print(f"error: output folder {value} cannot be created ({e.strerror or e} in {parent}); "
-                  f"choose another with {key}=...", file=sys.stderr)
-            sys.exit(1)
 
 
 if __name__ == "__main__":

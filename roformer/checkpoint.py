@@ -1,25 +1,29 @@
-"""Self-describing checkpoints, written atomically.
+"""Self-describing checkpoints: the format, built in one place, written atomically, read safely, checked on resume.
 
-A checkpoint is one ``torch.save`` file holding a dict (see :data:`FORMAT`):
+A checkpoint is one ``torch.save`` file holding a dict, assembled by :func:`build_payload` and nowhere else:
 
 * ``format``          ``{"name": "roformer-checkpoint", "version": 1}``
 * ``model_cfg``, ``pos_cfg``, ``data_cfg``, ``train_cfg``   resolved configs as plain dicts (enums as strings)
 * ``tokenizer_json``  the tokenizer, serialised (``tokenizers.Tokenizer.from_str`` restores it)
-* ``model``           state_dict; ``optimizer``, ``scheduler``, ``scaler`` (fp16 only) states
+* ``model``           state_dict; ``optimizer``, ``scheduler``, ``scaler`` (fp16 only, else None) states
 * ``rng``             python, numpy, torch CPU and CUDA generator states; ``sampler`` the data sampler's state
 * ``step``, ``tokens_seen``, ``best_val_loss``, ``wandb_run_id``, ``metrics`` (last ``val/loss``, ``val/ppl``)
+* ``world_size``      the number of ranks that trained it (the global batch is batch_size x world_size x grad_accum)
 
 A run folder keeps ``checkpoints/last.pt``, ``checkpoints/best.pt`` (lowest validation loss) and the last k
-``checkpoints/step_XXXXXX.pt``; last/best are hard links to a step file where the filesystem allows.
+``checkpoints/step_XXXXXX.pt`` (:func:`write_run_checkpoint`); last/best are hard links to a step file where the
+filesystem allows.
 
 Files are loaded with ``weights_only=True`` (no arbitrary code runs while unpickling); anything that is not
 such a checkpoint, including a truncated file, raises :class:`CheckpointError` with a one-line message.
+Checkpoints written before ``model.activation`` existed load as ``gelu_tanh``, the only GELU they knew.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:  # numpy >= 2 moved its pickling helpers
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct, scalar
+
+from roformer.files import atomic_write, fsync_dir, to_plain
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig
 
@@ -51,26 +61,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _nonfinite(state: Mapping) -> list[str]:
     return [k for k, v in state.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
@@ -85,19 +78,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         raise CheckpointError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
     payload = {"format": dict(FORMAT), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -109,27 +90,17 @@ def link_checkpoint(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _safe_globals() -> list:
     # numpy arrays and scalars may appear in the RNG and sampler states
-    out: list = [np.ndarray, np.dtype]
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-
-        out += [_reconstruct, scalar]
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
-
-        out += [_reconstruct, scalar]
+    out: list = [np.ndarray, np.dtype, _reconstruct, scalar]
     out += [type(np.dtype(t)) for t in ("uint8", "uint16", "uint32", "int32", "int64", "uint64", "float32",
                                         "float64", "bool")]
     return out
@@ -188,3 +159,67 @@ def prune_step_checkpoints(folder: Path, keep: int) -> None:
     steps = sorted(folder.glob("step_*.pt"))
     for old in steps[: max(0, len(steps) - keep)]:
         old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A training run's checkpoints: the payload, the files of a run folder, the checks before resuming
+
+
+def build_payload(*, train_cfg, tokenizer_json: str, model, optimizer,
+                  scheduler, scaler, sampler, rng: dict, step: int, tokens_seen: int, best_val_loss: float,
+                  wandb_run_id: str | None, metrics: dict, world_size: int) -> dict:
+    """The checkpoint dict of the module docstring, from a run's config (a dataclass with ``model``, ``pos`` and
+    ``data`` fields) and live objects. ``scaler`` is None unless fp16 needs one."""
+    return {
+        "model_cfg": to_plain(train_cfg.model), "pos_cfg": to_plain(train_cfg.pos),
+        "data_cfg": to_plain(train_cfg.data),
+        "train_cfg": to_plain(train_cfg), "tokenizer_json": tokenizer_json,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
+        "sampler": sampler.state_dict(), "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
+        "wandb_run_id": wandb_run_id, "metrics": metrics, "world_size": world_size,
+    }
+
+
+def write_run_checkpoint(folder: Path, payload: dict, *, keep_last: int, best: bool) -> Path:
+    """Write a run's checkpoint: ``step_XXXXXX.pt`` (the newest ``keep_last`` kept) with ``last.pt`` linked to
+    it, or ``last.pt`` alone when ``keep_last`` is 0; ``best.pt`` becomes this one when ``best``. Returns last.pt.
+    """
+    last = folder / LAST
+    if keep_last > 0:
+        written = save_checkpoint(folder / f"step_{payload['step']:06d}.pt", payload)
+        link_checkpoint(written, last)
+        prune_step_checkpoints(folder, keep_last)
+    else:
+        save_checkpoint(last, payload)
+    if best:
+        link_checkpoint(last, folder / BEST)
+    return last
+
+
+def resume_path(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: none for "", this run's last.pt for "auto" (if any), else the path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        p = run_dir / "checkpoints" / LAST
+        return p if p.exists() else None
+    return resolve_checkpoint(resume)
+
+
+def check_same_shape(ckpt: dict, model_cfg: ModelConfig, pos_cfg: PosConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint of another model or positional scheme, naming the differing fields."""
+    saved_model = {k: v for k, v in to_plain(configs_from_checkpoint(ckpt)[0]).items() if k != "vocab_size"}
+    cur_model = {k: v for k, v in to_plain(model_cfg).items() if k != "vocab_size"}
+    diff = config_diff(saved_model, cur_model, "model") + config_diff(ckpt["pos_cfg"], to_plain(pos_cfg), "pos")
+    if diff:
+        raise ValueError(f"cannot resume from {path}: it has another shape: {'; '.join(diff)}; "
+                         "resume with the same model/pos settings or start a new run")
+
+
+def check_same_tokenizer(ckpt: dict, vocab_size: int, tokenizer_json: str, path: Path) -> None:
+    """Refuse to resume a checkpoint whose tokenizer is not this run's data's."""
+    if ckpt["model_cfg"]["vocab_size"] != vocab_size or ckpt["tokenizer_json"] != tokenizer_json:
+        raise ValueError(f"cannot resume from {path}: its tokenizer differs from this run's data "
+                         f"(vocab {ckpt['model_cfg']['vocab_size']} vs {vocab_size}); use the same data.* "
+                         "settings as the checkpointed run")

@@ -1,4 +1,5 @@
-"""Perplexity beyond the training length: three protocols, per-position loss, zero-shot RoPE extension.
+"""Pure scoring: perplexity beyond the training length by three protocols, per-position loss, and the cells of
+one model (with a zero-shot RoPE extension). What evaluate.py does with checkpoints and files is eval_run.py's.
 
 Every protocol scores every target token exactly once and reports how many it scored. Windows always start at
 position 0, as a model sees them in training; only the context before each scored token changes.
@@ -22,21 +23,17 @@ as one byte, a separator) and words are the whitespace-separated words of their 
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import pre_tokenizers
 
 from roformer.positional import PositionOutOfRange, RopeScaling
-
-log = logging.getLogger(__name__)
 
 
 class Protocol(str, Enum):
@@ -218,8 +215,6 @@ class TextCounter:
 
     @classmethod
     def from_tokenizer(cls, tok) -> TextCounter:
-        from tokenizers import pre_tokenizers
-
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
         V = tok.get_vocab_size(with_added_tokens=True)
@@ -318,15 +313,6 @@ def evaluate_fixed_target(
     return score
 
 
-def set_rope_scaling(model, kind: RopeScaling, factor: float, original_len: int) -> bool:
-    """Switch a RoPE model's zero-shot extension (in place). False if the model has no RoPE."""
-    if model.pos_cfg.name != "rope":
-        return False
-    cfg = model.pos.cfg
-    cfg.scaling, cfg.scaling_factor, cfg.original_len = RopeScaling(kind), max(1.0, float(factor)), original_len
-    return True
-
-
 @dataclass
 class Cell:
     """One (protocol, length) result for one model variant."""
@@ -372,7 +358,7 @@ def evaluate_model(
     if settings.max_docs:
         fixed_docs = fixed_docs[: settings.max_docs]
     cells, per_pos = [], {}
-    table = model.pos_cfg.max_len if model.pos_cfg.name == "learned" else None
+    table = model.pos.max_positions(model.pos_cfg)  # None: any length
     for protocol in settings.protocols:
         for L in lengths:
             if table is not None and L > table:
@@ -380,15 +366,16 @@ def evaluate_model(
                 if on_cell:
                     on_cell()
                 continue
-            set_rope_scaling(model, scaling, L / train_len, train_len)
             common = dict(batch_tokens=settings.batch_tokens, bf16=settings.bf16, device=device, counter=counter)
             try:
-                if protocol == Protocol.fixed_target:
-                    score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=settings.target_tokens, **common)
-                else:
-                    score = evaluate_stream(
-                        model, stream, protocol, L, n_targets=n_targets, stride=settings.stride, **common
-                    )
+                with model.scaled_positions(scaling, L / train_len, train_len):
+                    if protocol == Protocol.fixed_target:
+                        score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=settings.target_tokens,
+                                                      **common)
+                    else:
+                        score = evaluate_stream(
+                            model, stream, protocol, L, n_targets=n_targets, stride=settings.stride, **common
+                        )
             except ShortInput as e:
                 if settings.on_short == OnShort.error:
                     raise
@@ -401,195 +388,4 @@ def evaluate_model(
                     per_pos[L] = (score.pos_sum / np.maximum(score.pos_count, 1)).tolist()
             if on_cell:
                 on_cell()
-    set_rope_scaling(model, RopeScaling.none, 1.0, train_len)
     return cells, per_pos
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints in, result files out
-
-
-def find_checkpoints(spec, which: str = "last") -> list[Path]:
-    """A checkpoint file, a run folder, or a sweep folder (every run under it), or a list of those."""
-    from roformer.checkpoint import CheckpointError, resolve_checkpoint
-
-    if spec is None or spec == "" or spec == []:
-        raise CheckpointError("no checkpoint given: pass ckpt=PATH, ckpt=[PATH,PATH] or ckpt=SWEEP_FOLDER")
-    items = [spec] if isinstance(spec, str | Path) else list(spec)
-    name = f"{which}.pt"
-    found: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir() and not (p / "checkpoints" / name).is_file() and not (p / name).is_file():
-            runs = sorted(q for q in p.rglob(f"checkpoints/{name}") if q.is_file())
-            if not runs:
-                raise CheckpointError(f"{p} holds no run with checkpoints/{name}; give a checkpoint, run or sweep")
-            found += runs
-        elif p.is_dir():
-            found.append(p / "checkpoints" / name if (p / "checkpoints" / name).is_file() else p / name)
-        else:
-            found.append(resolve_checkpoint(p))
-    return list(dict.fromkeys(found))
-
-
-def _label(path: Path, taken: set[str], scheme: str) -> str:
-    """The run folder's name (a sweep job's overrides, e.g. pos=rope,seed=0), made unique."""
-    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    base = run.name if run.name and "=" in run.name else scheme
-    label, i = base, 1
-    while label in taken:
-        i += 1
-        label = f"{base}#{i}"
-    taken.add(label)
-    return label
-
-
-def _tokenizer_file(tok_json: str, cache_dir: str) -> str:
-    from roformer import tokenizer as toklib
-
-    h = toklib.tokenizer_hash(tok_json)
-    path = Path(cache_dir) / "tokenizers" / f"{h[:16]}.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        toklib.save(toklib.from_json(tok_json), path)
-    return str(path)
-
-
-def load_split(data_cfg, tok_json: str, split: str, progress: bool):
-    """The split tokenized with exactly the checkpoint's tokenizer (the cache is keyed on it)."""
-    from dataclasses import replace
-
-    from roformer import tokenizer as toklib
-    from roformer.data import prepare
-
-    cfg = replace(data_cfg, tokenizer_path=_tokenizer_file(tok_json, data_cfg.cache_dir))
-    data = prepare(cfg, progress=progress)
-    want = toklib.tokenizer_hash(tok_json)
-    if data.tokenizer_hash != want:
-        raise ValueError(
-            f"the data's tokenizer ({data.tokenizer_hash[:12]}) does not match the checkpoint's ({want[:12]}); "
-            "delete the token cache folder and run again"
-        )
-    if split not in data.splits:
-        raise ValueError(f"eval.split={split!r} is not a split of data={cfg.name}; choose one of {list(data.splits)}")
-    return data, data.splits[split]
-
-
-def run_evaluation(cfg, out_dir: Path) -> dict:
-    """Score every checkpoint x RoPE scaling x protocol x length; write the result files; return the results."""
-    from tqdm.auto import tqdm
-
-    from roformer.checkpoint import load_checkpoint, model_from_checkpoint
-    from roformer.config import to_plain
-    from roformer.data import DataConfig
-    from roformer.malloc import keep_freed_memory
-    from roformer.reporting import add_ratios, log_to_wandb, write_outputs
-
-    s: EvalSettings = cfg.eval
-    device = torch.device(
-        "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
-    )
-    if device.type == "cpu":
-        keep_freed_memory()  # see roformer/malloc.py
-    paths = find_checkpoints(cfg.ckpt, cfg.which)
-    ckpts = [load_checkpoint(p) for p in paths]  # read (and validate) every file before any work
-    plans, taken = [], set()
-    for p, ck in zip(paths, ckpts, strict=True):
-        train_len = int(ck["train_cfg"]["trainer"]["seq_len"])
-        lengths = s.lengths_for(train_len)
-        stride = s.stride
-        if stride and stride > min(lengths):
-            raise ValueError(f"eval.stride={stride} is larger than the length {min(lengths)}; lower eval.stride")
-        scalings = s.rope_scaling if ck["pos_cfg"]["name"] == "rope" else [RopeScaling.none]
-        plans.append((p, ck, train_len, lengths, scalings, _label(p, taken, ck["pos_cfg"]["name"])))
-    n_cells = sum(len(sc) * len(s.protocols) * len(ls) for _, _, _, ls, sc, _ in plans)
-    bar = tqdm(total=n_cells, desc="evaluate", disable=not s.progress, dynamic_ncols=True)
-    results = {
-        "format": {"name": "roformer-eval", "version": 1},
-        "settings": to_plain(s),
-        "checkpoints": [],
-        "results": [],
-        "per_position": [],
-    }
-    data_cache: dict = {}
-    t_start = time.perf_counter()
-    for i, (p, ck, train_len, lengths, scalings, label) in enumerate(plans):
-        model = model_from_checkpoint(ck).to(device)
-        data_cfg = cfg.data if cfg.data is not None else DataConfig(**ck["data_cfg"])
-        key = (repr(data_cfg), ck["tokenizer_json"])
-        if key not in data_cache:
-            data_cache[key] = load_split(data_cfg, ck["tokenizer_json"], s.split, s.progress)
-        data, split = data_cache[key]
-        counter = TextCounter.from_tokenizer(data.tokenizer)
-        stream = np.asarray(split.tokens)
-        docs = list(split.documents())
-        scheme = ck["pos_cfg"]["name"]
-        attention = ck["model_cfg"].get("attention", "softmax")
-        base_variant = scheme + ("+linear" if attention == "linear" else "")
-        seed = ck["train_cfg"].get("seed")
-        results["checkpoints"].append(
-            {
-                "label": label,
-                "path": str(p),
-                "scheme": scheme,
-                "attention": attention,
-                "variant": base_variant,
-                "seed": seed,
-                "train_len": train_len,
-                "step": ck.get("step"),
-                "tokens_seen": ck.get("tokens_seen"),
-                "group": (ck["train_cfg"].get("logger") or {}).get("group"),
-                "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]},
-                "data": to_plain(data_cfg),
-                "split_tokens": int(len(stream)),
-                "split_docs": len(docs),
-            }
-        )
-        with torch.inference_mode():
-            for scaling in scalings:
-                variant = base_variant + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
-                bar.set_postfix_str(f"{label} {scaling.value}")
-                cells, per_pos = evaluate_model(
-                    model,
-                    stream=stream,
-                    docs=docs,
-                    lengths=lengths,
-                    settings=s,
-                    scaling=scaling,
-                    train_len=train_len,
-                    counter=counter,
-                    device=device,
-                    on_cell=lambda: bar.update(1),
-                )
-                for c in cells:
-                    results["results"].append(
-                        {
-                            "label": label,
-                            "variant": variant,
-                            "scheme": scheme,
-                            "rope_scaling": scaling.value,
-                            "seed": seed,
-                            "train_len": train_len,
-                            **c.as_dict(),
-                        }
-                    )
-                if per_pos:
-                    L = max(per_pos)
-                    results["per_position"].append(
-                        {
-                            "label": label,
-                            "variant": variant,
-                            "rope_scaling": scaling.value,
-                            "length": L,
-                            "mean_loss": per_pos[L],
-                        }
-                    )
-        del model
-        if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
-            log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(paths), label,
-                     len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip
-    bar.close()
-    add_ratios(results["results"])
-    write_outputs(results, out_dir)
-    log_to_wandb(results, cfg.logger, out_dir)
-    return results

@@ -1,8 +1,9 @@
 """A decoder-only transformer whose positional scheme is a plug-in (see ``positional.py``).
 
 Token embedding -> n_layer pre-norm blocks (causal self-attention, GELU MLP) -> final norm -> LM head, tied to
-the embedding by default. Attention goes through ``F.scaled_dot_product_attention`` (fused kernels on CPU and
-CUDA); schemes that add to the scores use the same call with an additive mask, computed in blocks of queries so
+the embedding by default. Attention goes through ``kernels.attention``: ``F.scaled_dot_product_attention``, or
+for bf16 on CPU over short lengths a hand-written matmul path; the loss is ``kernels.cross_entropy``, in fp32.
+Schemes that add to the scores use the same call with an additive mask, computed in blocks of queries so
 memory stays bounded at long lengths. ``attention=linear`` is RoFormer's section 3.3: causal linear attention
 with an elu+1 feature map, RoPE on the mapped queries/keys in the numerator and the unrotated ones in the
 normaliser.
@@ -14,6 +15,8 @@ middle of a document, or token-by-token decoding, gives the same logits as one f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -21,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roformer.positional import PosConfig, PosContext, PositionalScheme, build_positional
+from roformer.kernels import attention, cross_entropy
+from roformer.positional import PosConfig, PosContext, PositionalScheme, RopeScaling, build_positional
 
 
 class AttentionKind(str, Enum):
@@ -50,8 +54,8 @@ class ModelConfig:
     # LM head shares the token embedding matrix
     tie_embeddings: bool = True
     attention: AttentionKind = AttentionKind.softmax
-    # MLP activation. The exact GELU is also the fast one on CPU: PyTorch's bf16 forward takes 1 ms against the
-    # tanh form's 4 ms on a (16, 256, 1024) activation (2 threads), backward about equal.
+    # MLP activation. The exact GELU is also the faster one on CPU (PyTorch's bf16 forward; backward about equal);
+    # figures in docs/performance.md.
     activation: Activation = Activation.gelu
     # additive-bias path: queries per block (bounds memory at long lengths: H x block x keys floats)
     bias_block: int = 512
@@ -90,168 +94,6 @@ class KVCache:
 
     def __len__(self) -> int:
         return 0 if self.positions is None else self.positions.numel()
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Cross-entropy in fp32 from logits of any dtype, computed in blocks of rows, with the gradient made in the
-    same pass: (softmax - onehot) / n is stored in the logits' dtype and the backward only scales it.
-
-    ``F.cross_entropy(logits.float())`` makes a fp32 copy of the (N, V) logits, a fp32 log-softmax, and in the
-    backward a zero-filled one-hot, a log-softmax gradient and a cast back: about eight passes over 4 N V bytes,
-    a tenth of a CPU training step at a vocabulary of 8192. Here each block's fp32 work stays in cache (CPU: 2 MB
-    blocks), and the softmax is PyTorch's fused row kernel. The loss is logsumexp - target logit, with logsumexp
-    = max + log(sum exp(x - max)) = max - log(softmax's largest value), which is at least 1 / V: exact however far
-    the target lies below the best logit (log(softmax[target]) would underflow past ~87 nats).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, reduction: str, ignore_index: int):
-        N, V = logits.shape
-        want_grad = ctx.needs_input_grad[0]
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
-        n = valid.sum().clamp_min(1) if reduction == "mean" else None
-        losses = torch.empty(N, dtype=torch.float32, device=logits.device)
-        grad = torch.empty_like(logits) if want_grad else None
-        # CPU: 2 MB of fp32 per block (in L2; 22% faster than 8 MB blocks at V = 8192); GPU: a few large blocks
-        rows = max(1, (1 << 19 if logits.device.type == "cpu" else 1 << 26) // V)
-        for s in range(0, N, rows):
-            e = min(s + rows, N)
-            lf = logits[s:e].float()  # (rows, V)
-            tgt = safe[s:e, None]
-            p = torch.softmax(lf, dim=-1)
-            lse = lf.amax(dim=-1, keepdim=True) - p.amax(dim=-1, keepdim=True).log()
-            losses[s:e] = (lse - lf.gather(1, tgt)).squeeze(1)
-            if want_grad:
-                w = valid[s:e, None] / n if n is not None else valid[s:e, None].float()  # (rows, 1) row weights
-                p.scatter_add_(1, tgt, torch.full_like(w, -1.0))  # softmax - onehot
-                torch.mul(p, w, out=grad[s:e])  # scaled and cast to the logits' dtype in one pass
-        losses = losses.masked_fill(~valid, 0.0)
-        if want_grad:
-            ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        if reduction == "mean":
-            return losses.sum() / n
-        return losses.sum() if reduction == "sum" else losses
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            return grad * g[:, None].to(grad.dtype), None, None, None
-        # loss.backward(): skip a pass over N x V (no sync on CPU). Not under torch.compile: .item() would break
-        # the graph before the loss, and torch 2.13 then replays the logits' aliases wrongly from its cache.
-        if g.device.type == "cpu" and not torch.compiler.is_compiling() and g.item() == 1.0:
-            return grad, None, None, None
-        return grad * g.to(grad.dtype), None, None, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = -100):
-    """fp32 cross-entropy of (N, V) logits against (N,) targets, like ``F.cross_entropy(logits.float(), ...)``."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r} must be one of 'mean', 'sum', 'none'")
-    return _CrossEntropy.apply(logits, targets, reduction, ignore_index)
-
-
-# bf16 attention on CPU over at most this many keys runs as matmuls (faster than the flash kernel there):
-# _MatmulAttention in training, _attention_forward without autograd.
-CPU_ATTENTION_MAX_LEN = 512
-
-
-def _probs(qf, kf, mask3, dtype):
-    """softmax(q k^T / sqrt(D) + mask) for fp32 (N, T, D), (N, S, D) and a mask broadcastable to (N, T, S): scores
-    and softmax in fp32 (products of bf16 q and k are exact in fp32), probabilities rounded to ``dtype``."""
-    scores = torch.baddbmm(mask3, qf, kf.transpose(1, 2), alpha=qf.shape[-1] ** -0.5)
-    return torch.softmax(scores, dim=-1).to(dtype)
-
-
-def _flat_mask(mask, B, H, T, S):
-    """An additive mask as baddbmm's (T, S) or (B H, T, S) input, fp32."""
-    mask = mask.float()
-    return mask if mask.dim() == 2 else mask.expand(B, H, T, S).reshape(B * H, T, S)
-
-
-class _MatmulAttention(torch.autograd.Function):
-    """Softmax attention for bf16 training on CPU, as batched matmuls: about half the time of the CPU flash
-    kernel's forward + backward over at most 512 keys (2 threads, B*T = 4096, head_dim 64: 20 against 35 ms per
-    causal layer at T = 256; slower from T = 1024). ``mask`` is additive (-inf hides a key), broadcastable to
-    (B, H, T, S): the causal mask, or a positional bias with the causal mask in it, whose gradient is returned.
-
-    As precise as the flash kernel (gradients' relative rms error against fp64 0.3-0.5%, flash's 0.3-0.5%): the
-    scores and the softmax are fp32, the probabilities are rounded to bf16 for the product with v, as flash does,
-    and kept (2 bytes per score) for the backward, whose softmax gradient is computed in fp32 inside the kernel.
-    The (B H, T, S) probabilities are what bounds it to short sequences.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask):  # q (B, H, T, D); k, v (B, H, S, D)
-        B, H, T, D = q.shape
-        S = k.shape[2]
-        q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
-        with torch.autocast(q.device.type, enabled=False):
-            p = _probs(q3.float(), k3.float(), _flat_mask(mask, B, H, T, S), q.dtype)  # (B H, T, S)
-            ctx.save_for_backward(q3, k3, v3, p)
-            ctx.mask_shape = mask.shape
-            return torch.bmm(p, v3).view(B, H, T, D)
-
-    @staticmethod
-    def backward(ctx, g):
-        q3, k3, v3, p = ctx.saved_tensors
-        B, H, T, D = g.shape
-        S = k3.shape[1]
-        g3 = g.reshape(B * H, T, D).to(q3.dtype)
-        with torch.autocast(g.device.type, enabled=False):
-            dv = torch.bmm(p.transpose(1, 2), g3)
-            ds = torch._softmax_backward_data(torch.bmm(g3, v3.transpose(1, 2)), p, -1, p.dtype)  # d scores
-            dq = torch.bmm(ds, k3).mul_(D**-0.5)  # the scale on the (T, D) results, not the (T, S) scores
-            dk = torch.bmm(ds.transpose(1, 2), q3).mul_(D**-0.5)
-            dmask = None
-            if ctx.needs_input_grad[3]:  # a learned bias: d mask = d scores, summed over broadcast dimensions
-                dmask = ds.view(B, H, T, S).float().sum_to_size(ctx.mask_shape)
-        return dq.view(B, H, T, D), dk.view(B, H, S, D), dv.view(B, H, S, D), dmask
-
-
-def _attention_forward(q, k, v, mask):
-    """Forward only (no autograd), the arithmetic of _MatmulAttention. Causal (mask None): by blocks of queries,
-    each against only the keys it can see, which skips most of the masked half of the scores: 7.4 against the
-    flash kernel's 10.0 ms per layer at T = 256 (2 threads, B*T = 4096), 12.3 against 16.0 at T = 512."""
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
-    qf, kf = q3.float(), k3.float()
-    if mask is not None:
-        return torch.bmm(_probs(qf, kf, _flat_mask(mask, B, H, T, S), q.dtype), v3).view(B, H, T, D)
-    step = max(64, -(-T // 4))
-    out = []
-    for s in range(0, T, step):
-        e = min(s + step, T)
-        causal = torch.full((e - s, e), float("-inf"), device=q.device).triu_(s + 1)  # key j > query s + i
-        out.append(torch.bmm(_probs(qf[:, s:e], kf[:, :e], causal, q.dtype), v3[:, :e]))
-    return torch.cat(out, dim=1).view(B, H, T, D)
-
-
-def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v with the fastest kernel for the case. q (B, H, T, D), k and v
-    (B, H, S, D); ``mask`` None: causal with the keys being the queries; else additive (fp32, -inf hides a key),
-    broadcastable to (B, H, T, S)."""
-    if (
-        q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and k.shape[2] <= CPU_ATTENTION_MAX_LEN
-        and dropout_p == 0.0
-        and not torch.compiler.is_compiling()
-    ):
-        inputs = (q, k, v) if mask is None else (q, k, v, mask)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            if mask is None:
-                T = q.shape[2]
-                mask = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
-            return _MatmulAttention.apply(q, k, v, mask)
-        with torch.autocast("cpu", enabled=False):
-            return _attention_forward(q, k, v, mask)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -411,6 +253,22 @@ class TransformerLM(nn.Module):
         if not self.cfg.tie_embeddings:  # the input embedding is a lookup, not a matmul
             n -= self.wte.weight.numel()
         return 6 * n + 12 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+    @contextmanager
+    def scaled_positions(self, kind: RopeScaling, factor: float, original_len: int) -> Iterator[bool]:
+        """Evaluate with a zero-shot context extension, e.g. ``with model.scaled_positions(RopeScaling.yarn,
+        L / train_len, train_len):``. Yields whether a scaling is in effect (``kind`` is not ``none``).
+
+        ``self.pos`` is swapped for ``self.pos.with_scaling(...)`` for the duration of the block and put back
+        afterwards, also on an exception; neither the scheme's config nor ``self.pos_cfg`` (what was trained, and
+        what a checkpoint records) is changed. Schemes without RoPE raise ValueError for any kind but ``none``.
+        """
+        trained = self.pos
+        self.pos = trained.with_scaling(kind, factor, original_len)
+        try:
+            yield RopeScaling(kind) != RopeScaling.none
+        finally:
+            self.pos = trained
 
     def forward(
         self,

@@ -7,6 +7,11 @@ model has no per-scheme branches:
 * ``rotate(q, k, v, ctx)`` rotary acts on queries and keys inside every attention layer (``rope``);
 * ``bias(q, ctx, layer, q_idx)`` bias schemes add to the attention scores (``alibi``, ``relative``, ``t5``).
 
+Code elsewhere asks a scheme about itself instead of branching on its name: ``max_positions(cfg)`` (a
+classmethod, also ``PosConfig.max_positions``: the learned table's size, else None), ``supports_linear``,
+``supports_scaling`` (also on ``PosConfig``) and ``with_scaling(kind, factor, original_len)``, which returns a
+RoPE with a zero-shot context extension and leaves the original alone.
+
 ``ctx`` is a :class:`PosContext` built once per forward by :meth:`PositionalScheme.context`: it holds the query
 and key positions and whatever the scheme precomputes from them (RoPE's cos/sin), so layers do not repeat it.
 
@@ -23,7 +28,7 @@ References
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import ClassVar
 
@@ -96,6 +101,17 @@ class PosConfig:
         if self.scaling != RopeScaling.none and self.original_len < 1:
             raise ValueError(f"pos.scaling={self.scaling.value} needs pos.original_len (the training length)")
 
+    @property
+    def max_positions(self) -> int | None:
+        """Largest number of positions the selected scheme can represent (None: unbounded), asked of its class,
+        so a config can be checked before any module is built."""
+        return SCHEMES[self.name].max_positions(self)
+
+    @property
+    def supports_scaling(self) -> bool:
+        """Whether the selected scheme accepts a zero-shot RoPE context extension (``pos.scaling``)."""
+        return SCHEMES[self.name].supports_scaling
+
 
 @dataclass
 class PosContext:
@@ -123,17 +139,37 @@ def register(name: str):
 
 
 class PositionalScheme(nn.Module):
-    """Identity hooks; subclasses override the ones they need."""
+    """Identity hooks; subclasses override the ones they need. Code elsewhere asks a scheme about itself
+    (``max_positions``, ``supports_scaling``, ``with_scaling``) instead of branching on its name."""
 
     name: ClassVar[str] = ""
     has_bias: ClassVar[bool] = False  # adds to attention scores (needs the additive-bias attention path)
     supports_linear: ClassVar[bool] = True  # usable with model.attention=linear
+    supports_scaling: ClassVar[bool] = False  # accepts a zero-shot context extension (with_scaling), RoPE only
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__()
         self.cfg = cfg
         self.d_model, self.n_head, self.n_layer = d_model, n_head, n_layer
         self.head_dim = d_model // n_head
+
+    @classmethod
+    def max_positions(cls, cfg: PosConfig) -> int | None:
+        """Largest number of positions (0 .. n-1) this scheme can represent with ``cfg``; None when unbounded.
+        A classmethod, so configs can be checked without building the module."""
+        return None
+
+    def with_scaling(self, kind: RopeScaling, factor: float, original_len: int) -> PositionalScheme:
+        """A scheme equal to this one but with the zero-shot context extension ``kind`` (factor s, extending
+        from ``original_len`` training positions); ``self`` is not changed. Only RoPE has one: the others return
+        themselves for ``none`` and refuse anything else."""
+        kind = RopeScaling(kind)
+        if kind == RopeScaling.none:
+            return self
+        raise ValueError(
+            f"pos={self.name} has no zero-shot scaling (asked for {kind.value}): RoPE scaling applies to pos=rope "
+            "only; use scaling none with this scheme"
+        )
 
     def context(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_pos: int, dtype: torch.dtype) -> PosContext:
         return PosContext(q_pos=q_pos, k_pos=k_pos, n_pos=n_pos)
@@ -196,6 +232,8 @@ class RoPE(PositionalScheme):
     only at the end, so bf16 autocast never sees a rounded angle.
     """
 
+    supports_scaling = True
+
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)
         rot = cfg.rotary_fraction * self.head_dim
@@ -209,6 +247,15 @@ class RoPE(PositionalScheme):
         self.register_buffer("sin_cached", torch.empty(0, self.rot_dim // 2), persistent=False)
         self._cache_key: tuple = ()
         self.mscale = 1.0
+
+    def with_scaling(self, kind: RopeScaling, factor: float, original_len: int) -> RoPE:
+        """A new RoPE whose config has the extension (the factor clamped to at least 1), on the same device.
+        RoPE has no parameters, so nothing is shared or copied; the new one builds its own cos/sin cache."""
+        cfg = replace(
+            self.cfg, scaling=RopeScaling(kind), scaling_factor=max(1.0, float(factor)), original_len=original_len
+        )
+        scaled = type(self)(cfg, d_model=self.d_model, n_head=self.n_head, n_layer=self.n_layer)
+        return scaled.to(self.cos_cached.device).train(self.training)
 
     def _angles(self, n: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, self.mscale = scaled_inv_freq(self.cfg, self.rot_dim, seq_len)
@@ -332,6 +379,10 @@ class Sinusoidal(PositionalScheme):
 @register("learned")
 class LearnedAbsolute(PositionalScheme):
     """GPT-2-style trainable table of ``pos.max_len`` positions; beyond it the model has nothing to say."""
+
+    @classmethod
+    def max_positions(cls, cfg: PosConfig) -> int | None:
+        return cfg.max_len
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)

@@ -1,11 +1,12 @@
-"""Evaluation results -> results.json / results.csv / results.md, PNG plots, and wandb.
+"""Evaluation results -> results.json / results.csv / results.md and PNG plots (the dashboard is logger.py's).
 
 ``results.json`` (format ``roformer-eval`` version 1)::
 
     {"format": {"name": "roformer-eval", "version": 1},
      "settings": {...eval settings...},
      "checkpoints": [{"label", "path", "scheme", "attention", "variant", "seed", "train_len", "step",
-                      "tokens_seen", "config": {"model", "pos", "train"}, "data": {...}, "scored_tokens_available"}],
+                      "tokens_seen", "group", "config": {"model", "pos", "train"}, "data": {...}, "split_tokens",
+                      "split_docs"}],
      "results": [{"label", "variant", "scheme", "rope_scaling", "seed", "train_len", "protocol", "length",
                   "status": "ok" | "n/a" | "skipped", "note", "ppl", "nll_sum", "tokens", "bytes", "words",
                   "bits_per_byte", "word_ppl", "ratio"}],          # ratio: ppl / ppl at the training length
@@ -13,19 +14,23 @@
 
 A *variant* is what a reader compares: the scheme, "+linear" for linear attention, "+<method>" for a RoPE
 scaling method. Seeds of one variant are aggregated (mean and standard deviation) in the markdown and plots.
+
+Every file is written through :func:`roformer.files.atomic_write`: complete or absent, readable as a plain
+``open()`` would have made it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from roformer.files import atomic_write
 
 CSV_FIELDS = [
     "label",
@@ -47,18 +52,6 @@ CSV_FIELDS = [
     "words",
     "note",
 ]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -176,22 +169,26 @@ def markdown(results: dict) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    import io
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    write_atomic(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
-def plot_ppl_vs_length(results: dict, path: Path) -> None:
-    import matplotlib
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib  # heavy (about half a second): imported only when plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_ppl_vs_length(results: dict, path: Path) -> None:
+    plt = _pyplot()
     rows = results["results"]
     agg = aggregate(rows)
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
@@ -232,11 +229,7 @@ def plot_ppl_vs_length(results: dict, path: Path) -> None:
 
 
 def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     per = results["per_position"]
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
     curves = defaultdict(list)  # variant -> its per-position records (seeds), without the RoPE scaling variants
@@ -270,15 +263,7 @@ def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
 
 
 def _save_fig(fig, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
@@ -288,9 +273,9 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     paths = [
         out_dir / n for n in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png")
     ]
-    write_atomic(paths[0], json.dumps(results, indent=1, default=_json_default) + "\n")
+    atomic_write(paths[0], json.dumps(results, indent=1, default=_json_default) + "\n")
     write_csv(paths[1], results["results"])
-    write_atomic(paths[2], markdown(results))
+    atomic_write(paths[2], markdown(results))
     plot_ppl_vs_length(results, paths[3])
     if results["per_position"]:
         plot_per_position(results, paths[4])
@@ -305,63 +290,3 @@ def _json_default(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return str(o)
-
-
-def log_to_wandb(results: dict, logger_cfg, out_dir: Path) -> None:
-    """One ``eval`` run per checkpoint, in its training run's group: a table, a line chart, eval/ppl@L."""
-    from roformer.config import LoggerKind
-    from roformer.logging_utils import wandb_mode
-
-    if logger_cfg.kind != LoggerKind.wandb or wandb_mode(logger_cfg.mode) == "disabled":
-        return
-    import warnings
-
-    try:
-        import wandb
-
-        for ck in results["checkpoints"]:
-            rows = [r for r in results["results"] if r["label"] == ck["label"]]
-            run = wandb.init(
-                project=logger_cfg.project,
-                entity=logger_cfg.entity,
-                group=logger_cfg.group or ck.get("group"),
-                job_type="eval",
-                tags=list(logger_cfg.tags),
-                name=f"{ck['label']}-eval",
-                config={"checkpoint": ck["path"], "settings": results["settings"], "train": ck["config"]},
-                dir=str(out_dir),
-                mode=wandb_mode(logger_cfg.mode),
-                reinit="finish_previous",
-                settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
-            )
-            # the CSV's columns, less what is the same for every row of one checkpoint or only for accounting
-            skip = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
-            cols = [c for c in CSV_FIELDS if c not in skip]
-            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
-            ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]
-            line = wandb.Table(
-                columns=["length", "ppl", "series"], data=[[r["length"], r["ppl"], f"{r['variant']}"] for r in ok]
-            )
-            run.log(
-                {
-                    "eval/results": table,
-                    "eval/ppl_vs_length": wandb.plot.line(
-                        line, "length", "ppl", stroke="series", title="perplexity vs evaluation length"
-                    ),
-                }
-            )
-            for r in rows:
-                if r["status"] != "ok":
-                    continue
-                suffix = "" if r["rope_scaling"] == "none" else f"/{r['rope_scaling']}"
-                if r["protocol"] == "nonoverlapping":
-                    run.summary[f"eval/ppl@{r['length']}{suffix}"] = r["ppl"]
-                run.summary[f"eval/{r['protocol']}/ppl@{r['length']}{suffix}"] = r["ppl"]
-            run.finish()
-    except Exception as e:  # never lose the files because a dashboard failed
-        warnings.warn(
-            f"wandb logging of the evaluation failed ({type(e).__name__}: {str(e)[:200]}); "
-            "the result files are written",
-            RuntimeWarning,
-            stacklevel=2,
-        )

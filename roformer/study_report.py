@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roformer.reporting import aggregate, write_atomic
+from roformer.files import atomic_write
+from roformer.reporting import aggregate
 
 # Press, Smith & Lewis (2022), "Train Short, Test Long" (ALiBi): WikiText-103, trained at L = 512,
 # nonoverlapping evaluation; perplexity at about 2 L, 5 L and 24 L divided by perplexity at L.
@@ -85,6 +86,30 @@ def _order(variants: list[str], stats: dict, last: float) -> list[str]:
     return sorted(variants, key=key)
 
 
+def _study_header(study: dict) -> list[str]:
+    """run_study.py's record as a table: command, commit, machine, wall time, preset, failures."""
+    wall = study.get("wall_seconds")
+    out = [
+        "| | |",
+        "|---|---|",
+        f"| command | `{study.get('command', '?')}` |",
+        f"| commit | `{study.get('commit', '?')}` |",
+        f"| machine | {study.get('machine', '?')} |",
+        (
+            f"| wall time | {wall / 60:.1f} min (training {study['train_seconds'] / 60:.1f} min, "
+            f"evaluation {study['eval_seconds'] / 60:.1f} min) |"
+            if wall is not None
+            else "| wall time | ? |"
+        ),
+        f"| preset | {study.get('preset', '?')} |",
+        "",
+    ]
+    failed = [r["run"] for r in study.get("runs", []) if r.get("exit_code")]
+    if failed or study.get("eval_exit_code"):
+        out += [f"**Failures:** runs {failed}, evaluation exit code {study.get('eval_exit_code')}.", ""]
+    return out
+
+
 def study_markdown(results: dict, study: dict | None = None) -> str:
     """The comparison report (markdown). ``study`` is run_study.py's record; without it the header is skipped."""
     rows = results["results"]
@@ -95,27 +120,7 @@ def study_markdown(results: dict, study: dict | None = None) -> str:
     longer = [m for m in mults if m > 1]
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
     seeds = sorted({c["seed"] for c in results["checkpoints"]})
-    out = ["# Train short, test long: study report", ""]
-    if study:
-        wall = study.get("wall_seconds")
-        out += [
-            "| | |",
-            "|---|---|",
-            f"| command | `{study.get('command', '?')}` |",
-            f"| commit | `{study.get('commit', '?')}` |",
-            f"| machine | {study.get('machine', '?')} |",
-            (
-                f"| wall time | {wall / 60:.1f} min (training {study['train_seconds'] / 60:.1f} min, "
-                f"evaluation {study['eval_seconds'] / 60:.1f} min) |"
-                if wall is not None
-                else "| wall time | ? |"
-            ),
-            f"| preset | {study.get('preset', '?')} |",
-            "",
-        ]
-        failed = [r["run"] for r in study.get("runs", []) if r.get("exit_code")]
-        if failed or study.get("eval_exit_code"):
-            out += [f"**Failures:** runs {failed}, evaluation exit code {study.get('eval_exit_code')}.", ""]
+    out = ["# Train short, test long: study report", ""] + (_study_header(study) if study else [])
     ck = results["checkpoints"][0]
     tokens = sorted({c["tokens_seen"] for c in results["checkpoints"]})
     out += [
@@ -210,5 +215,5 @@ def write_report(study_dir: Path) -> Path:
     study_path = study_dir / "study.json"
     study = json.loads(study_path.read_text()) if study_path.is_file() else None
     report = study_dir / "eval" / "report.md"
-    write_atomic(report, study_markdown(results, study))
+    atomic_write(report, study_markdown(results, study))
     return report

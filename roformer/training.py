@@ -1,4 +1,4 @@
-"""The training loop: precision, validation, checkpoints, exact resume and DDP.
+"""The training loop: its settings, the optimiser and schedule, validation, one step, and ``train()``.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens on each of
 ``world_size`` ranks, so the global batch is ``batch_size x world_size x grad_accum`` sequences. DDP averages
@@ -11,16 +11,15 @@ embedding, which is tied to the LM head) and none on norms, biases and positiona
 relative and T5 tables: decaying them pulls far positions to zero). Linear warmup over ``optim.warmup_steps``,
 then cosine decay to ``optim.lr x optim.min_lr_ratio`` at ``trainer.max_steps``; global-norm gradient clipping.
 
-Precision (``trainer.precision=auto``): on CUDA bf16 autocast when the GPU supports it, else fp16 autocast with
-a GradScaler; on CPU bf16 autocast when oneDNN reports native bf16 (AVX512-BF16 or AMX, about 1.6x faster than
-fp32 on such CPUs), else fp32. Weights, optimizer state, the loss and RoPE's angles stay fp32.
+Device, precision, ranks and seeds are set up by :mod:`roformer.runtime`; checkpoints are built, written and
+checked by :mod:`roformer.checkpoint`; metrics go through :mod:`roformer.logger`.
 
 Exact resume: a checkpoint holds model, optimizer, scheduler, GradScaler, sampler and every RNG state, taken
 after the step's update; validation consumes no randomness. On CPU with ``trainer.deterministic=true`` a run
 resumed at step N is bit for bit the uninterrupted run (tests/test_training.py checks it), and two runs of
-one config are identical, in fp32 at any thread count and in bf16 on one thread. Measured on an AVX512-BF16
-CPU: bf16 on 2 threads drifts by ~1e-6 in the loss from the second step (oneDNN's multithreaded bf16 kernels
-do not reduce in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs.
+one config are identical, in fp32 at any thread count and in bf16 on one thread. bf16 on several threads
+drifts in the last digits of the loss from the second step (oneDNN's multithreaded bf16 kernels do not reduce
+in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs.
 """
 
 from __future__ import annotations
@@ -30,23 +29,34 @@ import copy
 import logging
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from roformer import checkpoint as ckpt_lib
-from roformer.config import Device, Precision, Schedule, TrainConfig, to_plain
-from roformer.data import PreparedData, WindowSampler, prepare
-from roformer.logging_utils import make_logger
-from roformer.malloc import keep_freed_memory
-from roformer.model import TransformerLM
+from roformer.data import DataConfig, PreparedData, WindowSampler, prepare
+from roformer.files import ensure_writable, to_plain
+from roformer.logger import LoggerConfig, NullLogger, make_logger
+from roformer.model import ModelConfig, TransformerLM
+from roformer.positional import PosConfig
+from roformer.runtime import (
+    Device,
+    Precision,
+    Runtime,
+    resolve_compile,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,124 +66,134 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Runtime: device, ranks, precision
+# Settings (the optim and trainer nodes of configs/train.yaml, and the whole run's)
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"  # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
+    constant = "constant"  # linear warmup, then constant
 
 
 @dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    autocast_dtype: torch.dtype | None = None  # None: fp32
-    use_scaler: bool = False  # fp16 on CUDA
+class OptimConfig:
+    """AdamW with decoupled weight decay on weight matrices only, linear warmup, then a decay schedule."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    lr: float = 2e-3
+    # floor of the cosine decay, as a fraction of lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Schedule = Schedule.cosine
+    # applied to the 2-D weights of linear layers and the token embedding (tied to the LM head); never to
+    # norms, biases or positional parameters (learned/relative/t5 tables)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)
+    grad_clip: float = 1.0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    precision = Precision(precision)
-    if precision == Precision.auto:
-        if device.type == "cuda":
-            precision = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
-        else:
-            precision = Precision.bf16 if cpu_has_fast_bf16() else Precision.fp32
-    if precision == Precision.fp16 and device.type != "cuda":
-        raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
-    return {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision], (
-        precision == Precision.fp16
-    )
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive (e.g. optim.lr=1e-3)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be positive")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        self.schedule = Schedule(self.schedule)
 
 
-# trainer.compile=auto: compile on CUDA for runs of at least this many steps (trainer.max_steps, so that a resumed
-# run decides as the original did). Compiling takes about a minute there and typically speeds a step up by far
-# more than it costs over a few hundred steps. On CPU auto never compiles: at the reference shape it gained
-# nothing measurable (1 thread: 1.00x; 2 threads: +7-16% in one run and -15%..+2% in a paired one, with the
-# first step ~40-110 s slower; docs/performance.md), and trainer.compile=true is there for whoever measures more.
-COMPILE_MIN_STEPS_CUDA = 300
+@dataclass
+class TrainerConfig:
+    """The loop. The global batch is batch_size x world_size x grad_accum sequences of seq_len tokens."""
+
+    seq_len: int = 256
+    # sequences per micro-batch on each rank
+    batch_size: int = 16
+    # micro-batches accumulated per optimizer step
+    grad_accum: int = 1
+    max_steps: int = 600
+    # validate (and checkpoint) every this many steps and at the end; 0: only at the end
+    eval_interval: int = 100
+    # validation micro-batches of batch_size fixed windows (evenly spaced over the split); 0: every window
+    eval_iters: int = 20
+    # log train/* metrics every this many steps
+    log_interval: int = 10
+    # step checkpoints kept besides last.pt and best.pt (0: none)
+    keep_last: int = 2
+    precision: Precision = Precision.auto
+    # torch.compile the model: true, false, or auto (where it pays off: on CUDA for runs of 300+ steps; not on CPU,
+    # where it gained nothing measurable; see runtime.resolve_compile)
+    compile: str = "auto"
+    device: Device = Device.auto
+    # deterministic algorithms (bit-exact repeat and resume on CPU); on CUDA this also needs
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8 and may be slower
+    deterministic: bool = True
+    # "" starts fresh; "auto" continues <run_dir>/checkpoints/last.pt if it exists; else a checkpoint file
+    # or a run folder to continue from
+    resume: str = ""
+    # tqdm progress bar (rank 0)
+    progress: bool = True
+    # CPU threads for torch (0: torch's default, every core). On a machine shared with other jobs 1 can be
+    # several times faster than 2: each kernel ends in a barrier that waits for a preempted thread
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key}={getattr(self, key)} must be a positive integer")
+        for key in ("eval_interval", "eval_iters", "keep_last", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
+        self.precision = Precision(self.precision)
+        self.device = Device(self.device)
+        words = {"true": "true", "on": "true", "false": "false", "off": "false", "auto": "auto"}  # YAML booleans too
+        compile_ = words.get(str(self.compile).lower())
+        if compile_ is None:
+            raise ValueError(f"trainer.compile={self.compile!r} must be auto, true or false")
+        self.compile = compile_
+        if self.precision == Precision.fp16 and self.device == Device.cpu:
+            raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
+        if self.resume not in ("", "auto") and not Path(self.resume).exists():
+            raise ValueError(
+                f"trainer.resume={self.resume}: no such checkpoint file or run folder; "
+                "give an existing path, 'auto' (continue this run folder if possible) or '' (start fresh)"
+            )
 
 
-def resolve_compile(setting: str, device: torch.device, steps: int) -> bool:
-    """Whether to torch.compile: ``true``/``false`` as given; ``auto``: on CUDA for runs of 300+ steps."""
-    if setting != "auto":
-        return setting == "true"
-    return device.type == "cuda" and steps >= COMPILE_MIN_STEPS_CUDA
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pos: PosConfig = field(default_factory=PosConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
 
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device, join the process group (NCCL on CUDA, gloo
-    on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.trainer.device
-    if want == Device.cuda and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
-    use_cuda = want == Device.cuda or (want == Device.auto and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        keep_freed_memory()  # no page faults for the step's large tensors: ~9% faster steps (roformer/malloc.py)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    dtype, scaler = resolve_precision(cfg.trainer.precision, device)
-    return Runtime(device, rank, local_rank, world_size, dtype, scaler)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def __post_init__(self) -> None:
+        table = self.pos.max_positions  # None: the scheme has no limit
+        if table is not None and self.trainer.seq_len > table:
+            raise ValueError(
+                f"trainer.seq_len={self.trainer.seq_len} is beyond the {self.pos.name} position table "
+                f"(pos.max_len={table}); raise pos.max_len or shorten trainer.seq_len"
+            )
+        data_vocab = getattr(self.data, "vocab_size", None)
+        if data_vocab is not None and self.model.vocab_size < data_vocab:
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than data.vocab_size={data_vocab}; "
+                "set data.vocab_size only (the model takes its vocabulary from the tokenizer)"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ class LRSchedule:
 def build_optimizer(model: TransformerLM, cfg: TrainConfig, device: torch.device):
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            fused=device.type in ("cuda", "cpu"))  # fused: 4x faster step on CPU too
+                            fused=device.type in ("cuda", "cpu"))  # fused: one kernel per step, on CPU too
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, LRSchedule(o.warmup_steps, cfg.trainer.max_steps, o.min_lr_ratio, o.schedule))
     return opt, sched
@@ -268,44 +288,165 @@ def evaluate(model, tokens: np.ndarray, starts: np.ndarray, rt: Runtime, batch_s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resume
+# What a step changes, and what moves between steps
 
 
-def resume_path(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: none for "", this run's last.pt for "auto" (if any), else the path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        p = run_dir / "checkpoints" / ckpt_lib.LAST
-        return p if p.exists() else None
-    return ckpt_lib.resolve_checkpoint(resume)
+@dataclass
+class Trainee:
+    """The objects a step changes. ``model`` is what runs (compiled and/or DDP-wrapped); ``raw`` is the bare
+    model whose parameters are clipped and whose state is checkpointed."""
+
+    raw: TransformerLM
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    sampler: WindowSampler
 
 
-def check_compatible(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model or positional scheme, naming the differing fields."""
-    saved_cfg = to_plain(ckpt_lib.configs_from_checkpoint(ckpt)[0])  # with the defaults of older checkpoints
-    saved_model = {k: v for k, v in saved_cfg.items() if k != "vocab_size"}
-    cur_model = {k: v for k, v in to_plain(cfg.model).items() if k != "vocab_size"}
-    diff = ckpt_lib.config_diff(saved_model, cur_model, "model") + ckpt_lib.config_diff(
-        ckpt["pos_cfg"], to_plain(cfg.pos), "pos")
-    if diff:
-        raise ValueError(f"cannot resume from {path}: it has another shape: {'; '.join(diff)}; "
-                         "resume with the same model/pos settings or start a new run")
+@dataclass
+class Progress:
+    """What advances with each step and is carried by every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    run_id: str | None = None  # the wandb run this run logs to, kept across resumes
+    last_good: Path | None = None  # the newest checkpoint, named when training diverges
 
 
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output folder {folder} cannot be written ({e.strerror or e}); "
-                         "choose another with hydra.run.dir=...") from None
+def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
+    """A fresh model, optimiser, schedule, scaler and sampler (in this order: the model's init draws from the
+    seeded generator)."""
+    t = cfg.trainer
+    model = TransformerLM(cfg.model, cfg.pos).to(rt.device)
+    opt, sched = build_optimizer(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.use_scaler)
+    sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, rank=rt.rank,
+                            world_size=rt.world_size)
+    return Trainee(model, model, opt, sched, scaler, sampler)
+
+
+def restore(tr: Trainee, state: dict, path: Path, max_steps: int) -> Progress:
+    """Load a checkpoint's states into ``tr`` and every RNG; a longer run than the checkpointed one extends the
+    schedule to the new ``max_steps``."""
+    tr.raw.load_state_dict(state["model"])
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.sched.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        tr.scaler.load_state_dict(state["scaler"])
+    tr.sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    tr.sched.lr_lambdas[0].max_steps = max_steps
+    log.info("resumed from %s at step %d", path, state["step"])
+    return Progress(state["step"], state["tokens_seen"], state["best_val_loss"], state.get("wandb_run_id"), path)
+
+
+def wrap(tr: Trainee, t: TrainerConfig, rt: Runtime) -> None:
+    """torch.compile (where trainer.compile says) and DDP around the bare model."""
+    if resolve_compile(t.compile, rt.device, t.max_steps):
+        log.info("torch.compile: on (trainer.compile=%s, %d steps)", t.compile, t.max_steps)
+        tr.model = torch.compile(tr.model)
+    if rt.distributed:
+        tr.model = DDP(tr.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def _diverged(what: str, value: float, step: int, last_good: Path | None, hint: str = "") -> TrainingDiverged:
+    return TrainingDiverged(f"{what} is {value} at step {step}; stopped. Last good checkpoint: "
+                            f"{last_good or 'none (no checkpoint written yet)'}{hint}")
+
+
+def train_step(tr: Trainee, rt: Runtime, t: TrainerConfig, grad_clip: float, p: Progress) -> tuple[float, float]:
+    """One optimiser step over ``grad_accum`` micro-batches: (mean loss over the global batch, gradient norm)."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(t.grad_accum):
+        x, y = tr.sampler.next_batch()
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        sync = rt.distributed and micro < t.grad_accum - 1
+        with tr.model.no_sync() if sync else contextlib.nullcontext(), rt.autocast():
+            _, loss = tr.model(x, y)
+        loss_sum += loss.detach()
+        tr.scaler.scale(loss / t.grad_accum).backward()
+    loss_step = loss_sum / t.grad_accum
+    if rt.distributed:
+        dist.all_reduce(loss_step)  # SUM: gloo has no AVG
+        loss_step /= rt.world_size
+    loss_val = float(loss_step)
+    if not math.isfinite(loss_val):
+        raise _diverged("train/loss", loss_val, p.step + 1, p.last_good, ". Lower optim.lr or raise "
+                        "optim.warmup_steps, then resume with trainer.resume=<that checkpoint>")
+    tr.scaler.unscale_(tr.opt)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), grad_clip or float("inf")))
+    if not math.isfinite(grad_norm) and not rt.use_scaler:  # fp16: the scaler skips the step itself
+        raise _diverged("train/grad_norm", grad_norm, p.step + 1, p.last_good)
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
+    tr.opt.zero_grad(set_to_none=True)
+    tr.sched.step()
+    return loss_val, grad_norm
+
+
+def save(tr: Trainee, cfg: TrainConfig, data: PreparedData, rt: Runtime, p: Progress, val_loss: float,
+         ckpt_dir: Path, logger: NullLogger) -> None:
+    """Checkpoint the step just validated (rank 0 writes; every rank tracks the best validation loss)."""
+    # best.pt: the lowest validation loss seen (also written once in a new folder a resumed run writes to)
+    best = val_loss < p.best_val or not (ckpt_dir / ckpt_lib.BEST).exists()
+    p.best_val = min(p.best_val, val_loss)
+    if not rt.is_main:
+        return
+    payload = ckpt_lib.build_payload(
+        train_cfg=cfg, tokenizer_json=data.tokenizer_json, model=tr.raw, optimizer=tr.opt, scheduler=tr.sched,
+        scaler=tr.scaler if rt.use_scaler else None, sampler=tr.sampler, rng=rng_state(), step=p.step,
+        tokens_seen=p.tokens_seen, best_val_loss=p.best_val, wandb_run_id=logger.run_id,
+        metrics={"val/loss": val_loss, "val/ppl": math.exp(val_loss)}, world_size=rt.world_size)
+    p.last_good = ckpt_lib.write_run_checkpoint(ckpt_dir, payload, keep_last=cfg.trainer.keep_last, best=best)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+
+
+def _shared_run_dir(run_dir: str | os.PathLike, rt: Runtime) -> Path:
+    """Rank 0's folder is the run's (train.py gives the other ranks a dummy one)."""
+    if rt.distributed:
+        box = [str(run_dir)]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    return Path(run_dir)
+
+
+def _read_resume(cfg: TrainConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """The checkpoint trainer.resume names, read and checked against this run's shape before any work."""
+    path = ckpt_lib.resume_path(cfg.trainer.resume, run_dir)
+    if path is None:
+        if cfg.trainer.resume == "auto":
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+        return None, None
+    state = ckpt_lib.load_checkpoint(path)
+    ckpt_lib.check_same_shape(state, cfg.model, cfg.pos, path)
+    return state, path
+
+
+def _start_logging(cfg: TrainConfig, rt: Runtime, run_dir: Path, tr: Trainee, data: PreparedData,
+                   p: Progress) -> tuple[NullLogger, float]:
+    """The run's logger (rank 0 logs; wandb continues the checkpoint's run) and the unigram baseline."""
+    t = cfg.trainer
+    n_params = tr.raw.num_params()
+    global_batch = t.batch_size * rt.world_size * t.grad_accum
+    run_info = {"world_size": rt.world_size, "global_batch": global_batch, "tokens_per_step": global_batch * t.seq_len,
+                "n_params": n_params, "precision_resolved": rt.precision, "device_resolved": str(rt.device),
+                "run_dir": str(run_dir)}
+    logger = make_logger(cfg.logger, run_dir, {**to_plain(cfg), "run": run_info}, run_id=p.run_id, rank=rt.rank)
+    train_tokens, val_tokens = data.splits["train"].tokens, data.splits["validation"].tokens
+    uni = unigram_ppl(train_tokens, val_tokens, data.vocab_size) if rt.is_main else float("nan")
+    log.info("model %s, %.2fM params, pos=%s; %s on %s x%d; global batch %d x %d tokens; unigram val ppl %.1f",
+             cfg.model.attention.value, n_params / 1e6, cfg.pos.name, rt.precision, rt.device.type, rt.world_size,
+             global_batch, t.seq_len, uni)
+    logger.summary({"val/unigram_ppl": uni, "n_params": n_params})
+    if t.deterministic and rt.device.type == "cpu" and rt.precision == "bf16" and torch.get_num_threads() > 1:
+        log.info("note: bf16 on %d CPU threads is reproducible only to ~1e-6; for bit-exact repeats use "
+                 "trainer.precision=fp32 or OMP_NUM_THREADS=1", torch.get_num_threads())
+    return logger, uni
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | None = None) -> float:
@@ -315,29 +456,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
     :func:`roformer.data.prepare` (tests pass small corpora). Raises ``ValueError`` for bad input before any
     training step and :class:`TrainingDiverged` when the loss stops being finite.
     """
-    rt = setup_runtime(cfg)
-    if rt.distributed:  # rank 0's folder is the run's (train.py gives other ranks a dummy one)
-        box = [str(run_dir)]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
-    run_dir = Path(run_dir)
-    if rt.is_main:
-        log.setLevel(logging.INFO)
-    else:
-        log.setLevel(logging.WARNING)
     t = cfg.trainer
+    rt = setup_runtime(t.device, t.precision, t.threads)
+    run_dir = _shared_run_dir(run_dir, rt)
+    log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
     ckpt_dir = run_dir / "checkpoints"
     if rt.is_main:
-        _check_writable(ckpt_dir)
-
-    # resume: read and check the checkpoint before any work
-    start_path = resume_path(t.resume, run_dir)
-    state = None
-    if start_path is not None:
-        state = ckpt_lib.load_checkpoint(start_path)
-        check_compatible(state, cfg, start_path)
-    elif t.resume == "auto":
-        log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+        ensure_writable(ckpt_dir, "hydra.run.dir")
+    state, start_path = _read_resume(cfg, run_dir)
 
     seed_everything(cfg.seed, t.deterministic)
     if data is None:
@@ -346,162 +472,59 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size
     if state is not None:
-        if state["model_cfg"]["vocab_size"] != data.vocab_size or state["tokenizer_json"] != data.tokenizer_json:
-            raise ValueError(f"cannot resume from {start_path}: its tokenizer differs from this run's data "
-                             f"(vocab {state['model_cfg']['vocab_size']} vs {data.vocab_size}); use the same data.* "
-                             "settings as the checkpointed run")
-    train_tokens, val_tokens = data.splits["train"].tokens, data.splits["validation"].tokens
-
-    model = TransformerLM(cfg.model, cfg.pos).to(rt.device)
-    opt, sched = build_optimizer(model, cfg, rt.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=rt.use_scaler)
-    sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, rank=rt.rank,
-                            world_size=rt.world_size)
+        ckpt_lib.check_same_tokenizer(state, data.vocab_size, data.tokenizer_json, start_path)
+    val_tokens = data.splits["validation"].tokens
+    tr = build(cfg, rt, data.splits["train"].tokens)
     starts = eval_starts(len(val_tokens), t.seq_len, t.eval_iters * t.batch_size * rt.world_size)
-    step, tokens_seen, best_val, run_id, last_good = 0, 0, math.inf, None, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        step, tokens_seen, best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
-        run_id, last_good = state.get("wandb_run_id"), start_path
-        set_rng_state(state["rng"])
-        # a longer run than the checkpointed one extends the schedule to the new max_steps
-        sched.lr_lambdas[0].max_steps = t.max_steps
-        log.info("resumed from %s at step %d", start_path, step)
-        del state
-
-    raw_model = model
-    if resolve_compile(t.compile, rt.device, t.max_steps):
-        log.info("torch.compile: on (trainer.compile=%s, %d steps)", t.compile, t.max_steps)
-        model = torch.compile(model)
-    if rt.distributed:
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
+    p = restore(tr, state, start_path, t.max_steps) if state is not None else Progress()
+    del state
+    wrap(tr, t, rt)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * rt.world_size
-    n_params = raw_model.num_params()
-    plain = to_plain(cfg)
-    run_info = {"world_size": rt.world_size, "global_batch": t.batch_size * rt.world_size * t.grad_accum,
-                "tokens_per_step": tokens_per_step, "n_params": n_params, "precision_resolved": rt.precision,
-                "device_resolved": str(rt.device), "run_dir": str(run_dir)}
-    logger = make_logger(cfg.logger, run_dir, {**plain, "run": run_info}, run_id=run_id, rank=rt.rank)
-    uni = unigram_ppl(train_tokens, val_tokens, data.vocab_size) if rt.is_main else float("nan")
-    log.info("model %s, %.2fM params, pos=%s; %s on %s x%d; global batch %d x %d tokens; unigram val ppl %.1f",
-             cfg.model.attention.value, n_params / 1e6, cfg.pos.name, rt.precision, rt.device.type, rt.world_size,
-             run_info["global_batch"], t.seq_len, uni)
-    logger.summary({"val/unigram_ppl": uni, "n_params": n_params})
-    if t.deterministic and rt.device.type == "cpu" and rt.precision == "bf16" and torch.get_num_threads() > 1:
-        log.info("note: bf16 on %d CPU threads is reproducible only to ~1e-6; for bit-exact repeats use "
-                 "trainer.precision=fp32 or OMP_NUM_THREADS=1", torch.get_num_threads())
-
-    def save(val_loss: float) -> None:
-        nonlocal best_val, last_good
-        # best.pt: the lowest validation loss seen (also written once in a new folder a resumed run writes to)
-        improved = val_loss < best_val or not (ckpt_dir / ckpt_lib.BEST).exists()
-        best_val = min(best_val, val_loss)
-        if not rt.is_main:
-            return
-        payload = {
-            "model_cfg": to_plain(cfg.model), "pos_cfg": to_plain(cfg.pos), "data_cfg": to_plain(cfg.data),
-            "train_cfg": plain, "tokenizer_json": data.tokenizer_json,
-            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if rt.use_scaler else None, "rng": rng_state(),
-            "sampler": sampler.state_dict(), "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-            "wandb_run_id": logger.run_id, "metrics": {"val/loss": val_loss, "val/ppl": math.exp(val_loss)},
-            "world_size": rt.world_size,
-        }
-        last = ckpt_dir / ckpt_lib.LAST
-        if t.keep_last > 0:
-            written = ckpt_lib.save_checkpoint(ckpt_dir / f"step_{step:06d}.pt", payload)
-            ckpt_lib.link_checkpoint(written, last)
-            ckpt_lib.prune_step_checkpoints(ckpt_dir, t.keep_last)
-        else:
-            written = ckpt_lib.save_checkpoint(last, payload)
-        if improved:
-            ckpt_lib.link_checkpoint(last, ckpt_dir / ckpt_lib.BEST)
-        last_good = last
+    logger, uni = _start_logging(cfg, rt, run_dir, tr, data, p)
 
     def validate() -> float:
-        val_loss = evaluate(model, val_tokens, starts, rt, t.batch_size, t.seq_len)
+        val_loss = evaluate(tr.model, val_tokens, starts, rt, t.batch_size, t.seq_len)
         ppl = math.exp(min(val_loss, 700.0))
-        logger.log({"val/loss": val_loss, "val/ppl": ppl}, step=step, tokens=tokens_seen)
-        log.info("step %d: val/loss %.4f, val/ppl %.2f (unigram %.1f)", step, val_loss, ppl, uni)
+        logger.log({"val/loss": val_loss, "val/ppl": ppl}, step=p.step, tokens=p.tokens_seen)
+        log.info("step %d: val/loss %.4f, val/ppl %.2f (unigram %.1f)", p.step, val_loss, ppl, uni)
         return val_loss
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (t.progress and rt.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    model.train()
-    val_loss = math.nan
-    t_last, tokens_last = time.perf_counter(), tokens_seen
-    exit_code = 1
+    tr.model.train()
+    val_loss, exit_code = math.nan, 1
+    t_last, tokens_last = time.perf_counter(), p.tokens_seen
     try:
-        while step < t.max_steps:
-            lr = sched.get_last_lr()[0]
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(t.grad_accum):
-                x, y = sampler.next_batch()
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                sync = rt.distributed and micro < t.grad_accum - 1
-                with model.no_sync() if sync else contextlib.nullcontext(), rt.autocast():
-                    _, loss = model(x, y)
-                loss_sum += loss.detach()
-                scaler.scale(loss / t.grad_accum).backward()
-            loss_step = loss_sum / t.grad_accum
-            if rt.distributed:
-                dist.all_reduce(loss_step)  # SUM: gloo has no AVG
-                loss_step /= rt.world_size
-            loss_val = float(loss_step)
-            if not math.isfinite(loss_val):
-                raise TrainingDiverged(
-                    f"train/loss is {loss_val} at step {step + 1}; stopped. Last good checkpoint: "
-                    f"{last_good or 'none (no checkpoint written yet)'}. Lower optim.lr or raise optim.warmup_steps, "
-                    "then resume with trainer.resume=<that checkpoint>"
-                )
-            scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                             cfg.optim.grad_clip or float("inf")))
-            if not math.isfinite(grad_norm) and not rt.use_scaler:  # fp16: the scaler skips the step itself
-                raise TrainingDiverged(
-                    f"train/grad_norm is {grad_norm} at step {step + 1}; stopped. Last good checkpoint: "
-                    f"{last_good or 'none (no checkpoint written yet)'}"
-                )
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            tokens_seen += tokens_per_step
+        while p.step < t.max_steps:
+            lr = tr.sched.get_last_lr()[0]
+            loss, grad_norm = train_step(tr, rt, t, cfg.optim.grad_clip, p)
+            p.step += 1
+            p.tokens_seen += tokens_per_step
             bar.update(1)
-
-            if step % t.log_interval == 0 or step == t.max_steps:
+            if p.step % t.log_interval == 0 or p.step == t.max_steps:
                 now = time.perf_counter()
-                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, tokens_seen
-                logger.log({"train/loss": loss_val, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_s": tps}, step=step, tokens=tokens_seen)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
+                tps = (p.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, p.tokens_seen
+                logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": tps}, step=p.step, tokens=p.tokens_seen)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if (t.eval_interval and p.step % t.eval_interval == 0) or p.step == t.max_steps:
                 val_loss = validate()
-                save(val_loss)
-                t_last, tokens_last = time.perf_counter(), tokens_seen  # throughput excludes validation
+                save(tr, cfg, data, rt, p, val_loss, ckpt_dir, logger)
+                t_last, tokens_last = time.perf_counter(), p.tokens_seen  # throughput excludes validation
         if not math.isfinite(val_loss):  # resumed at or past max_steps: nothing trained, still report
             val_loss = validate()
-            best_val = min(best_val, val_loss)
+            p.best_val = min(p.best_val, val_loss)
         exit_code = 0
     finally:
         bar.close()
         if exit_code == 0:
             logger.summary({"final/val_loss": val_loss, "final/val_ppl": math.exp(val_loss),
-                            "best/val_loss": best_val, "best/val_ppl": math.exp(best_val),
-                            "val/unigram_ppl": uni, "tokens_seen": tokens_seen})
+                            "best/val_loss": p.best_val, "best/val_ppl": math.exp(p.best_val),
+                            "val/unigram_ppl": uni, "tokens_seen": p.tokens_seen})
         logger.finish(exit_code=exit_code)
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
     log.info("done: step %d, %d tokens; val/loss %.4f, val/ppl %.2f (best %.2f; unigram %.1f); checkpoints in %s",
-             step, tokens_seen, val_loss, math.exp(val_loss), math.exp(best_val), uni, ckpt_dir)
-    return best_val
+             p.step, p.tokens_seen, val_loss, math.exp(val_loss), math.exp(p.best_val), uni, ckpt_dir)
+    return p.best_val

@@ -31,13 +31,14 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 import roformer.model as model_now
 import roformer.positional as positional_now
-from roformer.malloc import keep_freed_memory
 from roformer.positional import SCHEMES
+from roformer.runtime import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,17 +68,33 @@ def matmul_peak(device: str, dtype: str, n: int, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def _roformer_modules() -> dict:
+    return {k: v for k, v in sys.modules.items() if k == "roformer" or k.startswith("roformer.")}
+
+
 def load_ref(path: str):
-    """(model, positional) modules of the ``roformer`` package in another checkout, imported beside this one."""
-    saved = {k: v for k, v in sys.modules.items() if k == "roformer" or k.startswith("roformer.")}
+    """(model, positional) modules of the ``roformer`` package in another checkout, imported beside this one.
+
+    Only these two are asked for by name; whatever ``roformer.model`` imports comes along from the same checkout
+    (``roformer.kernels`` once the kernels left model.py; older checkouts hold them in model.py), so old and new
+    checkouts load alike. Every module imported here must come from ``path``: a path without the
+    package would otherwise silently load this checkout again and time it against itself.
+    """
+    root = Path(path).resolve()
+    saved = _roformer_modules()
     for k in saved:
         del sys.modules[k]
-    sys.path.insert(0, path)
+    sys.path.insert(0, str(root))
     try:
-        return importlib.import_module("roformer.model"), importlib.import_module("roformer.positional")
+        code = importlib.import_module("roformer.model"), importlib.import_module("roformer.positional")
+        where = {k: m.__file__ or next(iter(m.__path__)) for k, m in _roformer_modules().items()}  # namespace pkg
+        stray = sorted(k for k, f in where.items() if root not in Path(f).resolve().parents)
+        if stray:
+            raise SystemExit(f"--ref {path}: {', '.join(stray)} did not come from there; give a checkout's root")
+        return code
     finally:
-        sys.path.remove(path)
-        for k in [k for k in sys.modules if k == "roformer" or k.startswith("roformer.")]:
+        sys.path.remove(str(root))
+        for k in _roformer_modules():
             del sys.modules[k]
         sys.modules.update(saved)
 
@@ -254,8 +271,12 @@ def main() -> None:
     ap.add_argument("--threads", default="0", help="torch threads, e.g. 1,2 (default 0: torch's choice)")
     ap.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused", "loop"],
                     help="AdamW implementation")  # fmt: skip
-    ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                    help="keep: glibc keeps freed memory, as training does (malloc.py); default: glibc's")
+    ap.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "default"],
+        help="keep: glibc keeps freed memory, as training does (roformer/runtime.py); default: glibc's",
+    )
     ap.add_argument("--ref", default="", help="another checkout of the package, timed alongside as scheme@ref")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args()

@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 
+from roformer.positional import SCHEMES
+
 CHILD = r"""
 import json, resource, sys, time
 import torch
@@ -37,8 +39,6 @@ print(json.dumps({"scheme": scheme, "length": L, "status": status, "seconds": ti
 
 
 def main() -> None:
-    from roformer.positional import SCHEMES
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--schemes", default=",".join(sorted(SCHEMES)))

@@ -19,9 +19,9 @@ from contextlib import nullcontext
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from roformer.malloc import keep_freed_memory
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import SCHEMES, PosConfig
+from roformer.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -39,8 +39,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (default: torch's choice)")
-    ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                    help="keep: glibc keeps freed memory, as training does (roformer/malloc.py); default: glibc's")
+    ap.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "default"],
+        help="keep: glibc keeps freed memory, as training does (roformer/runtime.py); default: glibc's",
+    )
     ap.add_argument("--trace", default="", help="write a Chrome trace here")
     args = ap.parse_args()
     if args.threads:

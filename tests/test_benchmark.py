@@ -1,6 +1,8 @@
-"""scripts/benchmark.py on a toy shape: one row per (scheme, compile setting), paired ratios, JSON output."""
+"""scripts/benchmark.py on a toy shape: one row per (scheme, compile setting), paired ratios, JSON output; and
+its --ref loader, which imports another checkout of the package beside this one."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +33,37 @@ def test_benchmark_rows_ratios_and_json(tmp_path):
         assert x["train_tok_s_min"] <= x["train_tok_s"] <= x["train_tok_s_max"]
         assert x["eval_long_tok_s"] > 0 and 0 < x["mfu_paired"]
     assert "rope" in r.stdout and "MFU*" in r.stdout
+
+
+_LOAD_REF = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import benchmark
+import roformer.kernels
+import roformer.model
+model, positional = benchmark.load_ref(sys.argv[2])
+print(model.__file__, positional.__file__, sys.modules["roformer.model"].__file__, roformer.kernels.__file__)
+print(model.attention.__module__, model.attention.__globals__["__file__"])
+"""
+
+
+def test_load_ref_imports_the_other_checkout_and_restores_this_one(tmp_path):
+    """A checkout whose model.py imports roformer.kernels gets its own kernels, not this checkout's; afterwards
+    this checkout's modules are the ones imported again."""
+    ref = tmp_path / "ref"
+    shutil.copytree(ROOT / "roformer", ref / "roformer", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-c", _LOAD_REF, str(ROOT / "scripts"), str(ref)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (ref_model, ref_pos, now_model, now_kernels), (attn_module, attn_file) = (
+        line.split() for line in r.stdout.splitlines()
+    )
+    assert Path(ref_model).parent == Path(ref_pos).parent == ref / "roformer"
+    assert Path(attn_file) == ref / "roformer" / "kernels.py" and attn_module == "roformer.kernels"
+    assert Path(now_model).parent == Path(now_kernels).parent == ROOT / "roformer"
+
+
+def test_load_ref_refuses_a_path_without_the_package(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _LOAD_REF, str(ROOT / "scripts"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert r.returncode != 0 and f"--ref {tmp_path}: roformer" in r.stderr and "checkout's root" in r.stderr

@@ -11,8 +11,10 @@ from conftest import CONFIGS, REPO, compose, tiny_config
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from roformer.config import Precision, TrainConfig, to_config
+from roformer.config import to_config
 from roformer.positional import SCHEMES
+from roformer.runtime import Precision
+from roformer.training import TrainConfig
 
 GROUPS = ("model", "pos", "data", "optim", "logger", "experiment", "debug")
 # options that need a value the YAML cannot know

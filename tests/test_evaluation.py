@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from roformer.checkpoint import CheckpointError
+from roformer.eval_run import find_checkpoints
 from roformer.evaluation import (
     EvalSettings,
     Protocol,
@@ -272,8 +276,11 @@ def test_evaluate_cli_writes_every_output(two_runs):
         cwd=tmp,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png"):
         assert (out / name).stat().st_size > 0, name
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name  # as open() makes them
     res = json.loads((out / "results.json").read_text())
     assert [c["label"] for c in res["checkpoints"]] == ["pos=rope", "pos=learned"]
     cells = {(r["variant"], r["protocol"], r["length"]): r for r in res["results"]}
@@ -316,9 +323,6 @@ def test_evaluate_cli_bad_input(two_runs, tmp_path):
 
 
 def test_find_checkpoints_accepts_files_runs_and_sweeps(tmp_path):
-    from roformer.checkpoint import CheckpointError
-    from roformer.evaluation import find_checkpoints
-
     sweep = tmp_path / "multirun"
     for name in ("pos=rope,seed=0", "pos=alibi,seed=0"):
         (sweep / name / "checkpoints").mkdir(parents=True)

@@ -1,5 +1,6 @@
-"""Hand-written autograd nodes (fused cross-entropy, RoPE rotation, CPU causal attention) against PyTorch's own
-ops and fp64 references, and the allocator setting that CPU training relies on."""
+"""Hand-written autograd nodes (roformer/kernels.py: fused cross-entropy, CPU causal attention; and RoPE's fused
+rotation in roformer/positional.py) against PyTorch's own ops and fp64 references, and the allocator setting
+that CPU training relies on."""
 
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from roformer.model import CPU_ATTENTION_MAX_LEN, attention, cross_entropy
+import roformer.kernels as kernels
+from roformer.kernels import CPU_ATTENTION_MAX_LEN, attention, cross_entropy
+from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig, RopeLayout, build_positional
 
 
@@ -150,19 +153,15 @@ def test_cpu_causal_attention_of_one_token_is_its_value():
 def test_cpu_matmul_attention_under_autocast_inside_a_model_step(scheme, monkeypatch):
     """Inside autocast the scores must still be fp32: same loss and gradients (the bias tables' included) as the
     model on the flash kernel, causal and with each kind of additive bias (fixed, bucketed table, q-dependent)."""
-    import roformer.model as model_mod
-    from roformer.model import ModelConfig, TransformerLM
-    from roformer.positional import PosConfig
-
     torch.manual_seed(0)
     m = TransformerLM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32), PosConfig(scheme, max_len=64))
     x = torch.randint(0, 64, (3, 65))
     calls = []
-    matmul_attention = model_mod._MatmulAttention.apply
-    monkeypatch.setattr(model_mod._MatmulAttention, "apply", lambda *a: calls.append(1) or matmul_attention(*a))
+    matmul_attention = kernels._MatmulAttention.apply
+    monkeypatch.setattr(kernels._MatmulAttention, "apply", lambda *a: calls.append(1) or matmul_attention(*a))
 
     def step(max_len):
-        monkeypatch.setattr(model_mod, "CPU_ATTENTION_MAX_LEN", max_len)
+        monkeypatch.setattr(kernels, "CPU_ATTENTION_MAX_LEN", max_len)
         m.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = m(x[:, :-1], x[:, 1:])
@@ -197,7 +196,7 @@ def test_cpu_causal_attention_falls_back_where_it_does_not_pay():
 
 _FAULTS = """
 import resource, sys, torch
-from roformer.malloc import keep_freed_memory
+from roformer.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory() and keep_freed_memory()  # idempotent
 def faults():

@@ -1,13 +1,16 @@
 """The transformer with every scheme and both attention kinds: causality, caches, lengths, learning."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from roformer.checkpoint import configs_from_checkpoint
+from roformer.files import to_plain
 from roformer.model import AttentionKind, CausalSelfAttention, KVCache, ModelConfig, TransformerLM
-from roformer.positional import SCHEMES, PosConfig, PositionOutOfRange, build_positional
+from roformer.positional import SCHEMES, PosConfig, PositionOutOfRange, RopeScaling, build_positional
 
 TRAIN_LEN = 24
 LINEAR_OK = ["rope", "nope", "sinusoidal", "learned"]
@@ -57,7 +60,8 @@ def test_forward_backward_at_train_length_and_4x(name, attention):
     model = tiny(name, attention)
     for T in (TRAIN_LEN, 4 * TRAIN_LEN):
         x = torch.randint(0, 64, (2, T))
-        if name == "learned" and T > TRAIN_LEN:
+        limit = model.pos_cfg.max_positions
+        if limit is not None and T > limit:
             with pytest.raises(PositionOutOfRange, match=f"size pos.max_len={TRAIN_LEN}"):
                 model(x, x)
             continue
@@ -207,12 +211,66 @@ def test_mlp_activation(activation, approximate):
 
 
 def test_checkpoints_from_before_the_activation_option_load_as_tanh_gelu():
-    from roformer.checkpoint import configs_from_checkpoint
-    from roformer.config import to_plain
-
     old = to_plain(ModelConfig(activation="gelu_tanh"))
     del old["activation"]  # what a checkpoint written before the option holds
     cfg, _ = configs_from_checkpoint({"model_cfg": old, "pos_cfg": to_plain(PosConfig())})
     assert cfg.activation.value == "gelu_tanh"
     new, _ = configs_from_checkpoint({"model_cfg": to_plain(ModelConfig()), "pos_cfg": to_plain(PosConfig())})
     assert new.activation.value == "gelu"
+
+
+# ---- zero-shot RoPE scaling through TransformerLM.scaled_positions ----
+
+
+def _set_scaling_in_place(model, kind, factor, original_len):
+    """What evaluation did before scaled_positions existed: change the RoPE module's config in place."""
+    cfg = model.pos.cfg
+    cfg.scaling, cfg.scaling_factor, cfg.original_len = RopeScaling(kind), max(1.0, float(factor)), original_len
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kind", list(RopeScaling))
+def test_scaled_positions_give_the_logits_of_the_in_place_settings(kind, bf16):
+    """Bit for bit, over the lengths of an evaluation grid in order (factors below 1 are clamped to 1), on a
+    model whose RoPE cache already holds the unscaled table, as after validation."""
+    hooked, in_place = tiny("rope").eval(), tiny("rope").eval()
+    x = torch.randint(0, 64, (2, 4 * TRAIN_LEN))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), amp:
+        torch.testing.assert_close(hooked(x)[0], in_place(x)[0], rtol=0, atol=0)  # same weights, caches filled
+        for L in (TRAIN_LEN // 2, TRAIN_LEN, 2 * TRAIN_LEN, 4 * TRAIN_LEN):
+            with hooked.scaled_positions(kind, L / TRAIN_LEN, TRAIN_LEN) as scaled:
+                got, _ = hooked(x[:, :L])
+            assert scaled == (kind != RopeScaling.none)
+            _set_scaling_in_place(in_place, kind, L / TRAIN_LEN, TRAIN_LEN)
+            want, _ = in_place(x[:, :L])
+            assert torch.equal(got, want), f"{kind.value} at L={L}"
+        _set_scaling_in_place(in_place, RopeScaling.none, 1.0, TRAIN_LEN)
+        assert torch.equal(hooked(x)[0], in_place(x)[0])  # and afterwards both are plain RoPE again
+
+
+def test_scaled_positions_restore_the_scheme_and_change_no_config():
+    model = tiny("rope")
+    rope, trained = model.pos, replace(model.pos_cfg)
+    keys = list(model.state_dict())
+    with model.scaled_positions(RopeScaling.yarn, 4.0, TRAIN_LEN):
+        assert model.pos is not rope and model.pos.cfg.scaling == RopeScaling.yarn
+        assert list(model.state_dict()) == keys  # RoPE has nothing in a checkpoint
+    assert model.pos is rope and rope.cfg == trained and model.pos_cfg == trained
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.scaled_positions(RopeScaling.pi, 2.0, TRAIN_LEN):
+            raise RuntimeError("inside")
+    assert model.pos is rope and rope.cfg == trained
+
+
+def test_scaled_positions_on_schemes_without_rope():
+    model = tiny("alibi")
+    alibi = model.pos
+    x = torch.randint(0, 64, (1, TRAIN_LEN))
+    with model.scaled_positions(RopeScaling.none, 2.0, TRAIN_LEN) as scaled:
+        assert not scaled and model.pos is alibi
+        model(x)
+    with pytest.raises(ValueError, match="pos=alibi .*RoPE scaling applies to pos=rope only"):
+        with model.scaled_positions(RopeScaling.yarn, 2.0, TRAIN_LEN):
+            pass
+    assert model.pos is alibi

@@ -1,6 +1,7 @@
 """RoPE and the other schemes checked against properties and independent references."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from roformer.positional import (
     build_positional,
     rope_inv_freq,
     scaled_inv_freq,
+    sinusoid_table,
     t5_bucket,
 )
 
@@ -192,8 +194,6 @@ def test_t5_buckets_exact_then_logarithmic():
 
 
 def test_sinusoidal_table_reference():
-    from roformer.positional import sinusoid_table
-
     pe = sinusoid_table(torch.tensor([0, 5, 1000]), 8, 10000.0)
     for r, p in enumerate([0, 5, 1000]):
         for i in range(4):
@@ -237,6 +237,46 @@ def test_scaling_formulas():
         else:
             g = (r - 1) / 31
             assert yarn[j].item() == pytest.approx(plain[j].item() * ((1 - g) / s + g))
+
+
+def test_rope_with_scaling_is_a_new_scheme_and_leaves_the_original_alone():
+    rope = make_rope(head_dim=16).eval()
+    before = replace(rope.cfg)
+    plain_cos, _ = rope.cos_sin(64, "cpu")
+    plain_cos = plain_cos.clone()
+    scaled = rope.with_scaling(RopeScaling.yarn, 4.0, 64)
+    assert scaled is not rope and scaled.cfg is not rope.cfg and not scaled.training
+    assert (scaled.cfg.scaling, scaled.cfg.scaling_factor, scaled.cfg.original_len) == (RopeScaling.yarn, 4.0, 64)
+    assert replace(scaled.cfg, scaling=RopeScaling.none, scaling_factor=1.0, original_len=0) == before
+    assert rope.cfg == before and torch.equal(rope.cos_sin(64, "cpu")[0], plain_cos)  # untouched
+    inv, mscale = scaled_inv_freq(scaled.cfg, 16, 64)
+    ref = torch.outer(torch.arange(64, dtype=torch.float64), inv).cos().float()
+    assert torch.equal(scaled.cos_sin(64, "cpu")[0][:64], ref) and scaled.mscale == mscale != 1.0
+    assert rope.with_scaling("pi", 0.5, 64).cfg.scaling_factor == 1.0  # shorter than training: no scaling
+    with pytest.raises(ValueError, match="needs pos.original_len"):
+        rope.with_scaling(RopeScaling.ntk, 2.0, 0)
+
+
+def test_rope_with_scaling_stays_on_the_device_of_the_original():
+    rope = make_rope(head_dim=16).to("meta")
+    assert rope.with_scaling(RopeScaling.pi, 2.0, 64).cos_cached.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", sorted(set(SCHEMES) - {"rope"}))
+def test_schemes_without_rope_refuse_scaling(name):
+    scheme = build_positional(PosConfig(name=name, max_len=32), d_model=32, n_head=2, n_layer=1)
+    assert scheme.with_scaling(RopeScaling.none, 4.0, 32) is scheme
+    for kind in set(RopeScaling) - {RopeScaling.none}:
+        with pytest.raises(ValueError, match=f"^pos={name} .*RoPE scaling applies to pos=rope only"):
+            scheme.with_scaling(kind, 4.0, 32)
+
+
+def test_max_positions_and_supports_scaling_answer_from_the_config():
+    for name in SCHEMES:
+        cfg = PosConfig(name=name, max_len=77)
+        scheme = build_positional(cfg, d_model=32, n_head=2, n_layer=1)
+        assert cfg.max_positions == scheme.max_positions(cfg) == (77 if name == "learned" else None)
+        assert cfg.supports_scaling == scheme.supports_scaling == (name == "rope")
 
 
 # ---- registry and bad input ----

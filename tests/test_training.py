@@ -16,18 +16,16 @@ import torch
 from conftest import REPO, read_metrics, read_wandb_records, tiny_config
 
 from roformer import checkpoint as ckpt_lib
-from roformer.config import Schedule
-from roformer.logging_utils import wandb_mode
+from roformer.logger import wandb_mode
 from roformer.model import TransformerLM
 from roformer.positional import SCHEMES
+from roformer.runtime import resolve_compile, resolve_precision, setup_runtime
 from roformer.training import (
+    Schedule,
     TrainingDiverged,
     eval_starts,
     lr_factor,
     param_groups,
-    resolve_compile,
-    resolve_precision,
-    setup_runtime,
     train,
     unigram_ppl,
 )
@@ -431,10 +429,10 @@ def test_debug_fast_cli_trains_and_resumes(text_corpus, tmp_path):
 def test_trainer_threads_sets_torch_threads():
     before = torch.get_num_threads()
     try:
-        setup_runtime(tiny_config("trainer.threads=1", "trainer.device=cpu"))
+        setup_runtime("cpu", "fp32", threads=1)
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        setup_runtime(tiny_config("trainer.threads=0", "trainer.device=cpu"))
+        setup_runtime("cpu", "fp32", threads=0)
         assert torch.get_num_threads() == 2  # 0 leaves torch's setting alone
     finally:
         torch.set_num_threads(before)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+
+from roformer.files import atomic_write
 
 EOD_TOKEN = "<|endoftext|>"
 N_BYTES = 256  # the byte alphabet every byte-level vocabulary must contain
@@ -80,8 +83,6 @@ def train_bpe(
         show_progress=progress,
     )
     if progress:
-        from tqdm.auto import tqdm
-
         texts = tqdm(texts, total=length, desc="tokenizer: reading training split", unit="doc")
     tok.train_from_iterator(texts, trainer, length=length)
     tok.encode_special_tokens = True
@@ -134,14 +135,7 @@ def load(path: str | os.PathLike) -> Tokenizer:
 
 def save(tok: Tokenizer, path: str | os.PathLike) -> None:
     """Write `tokenizer.json` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(3).hex()}.tmp")
-    try:
-        tmp.write_text(to_json(tok), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, to_json(tok))
 
 
 def decode(tok: Tokenizer, ids) -> str:

@@ -1,7 +1,8 @@
-"""Rank-0 side effects of a run behind one object: metrics to ``metrics.jsonl`` and to wandb.
+"""Every dashboard call: the logger settings, a training run's metrics (``metrics.jsonl`` and wandb) and the
+evaluation runs that :mod:`roformer.eval_run` logs to wandb.
 
 :func:`make_logger` gives rank 0 a :class:`RunLogger` and every other rank a :class:`NullLogger` with the same
-methods, so the training loop has no ``if rank == 0`` around its logging (STYLE.md, lesson 9).
+methods, so the training loop has no ``if rank == 0`` around its logging.
 
 wandb is optional at every level: ``logger.kind=none`` never imports it; ``logger.mode=auto`` runs online only
 when the user is logged in (``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in ``~/.netrc``) and offline
@@ -19,11 +20,45 @@ import netrc
 import os
 import secrets
 import warnings
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
-from roformer.config import LoggerConfig, LoggerKind, WandbMode
+from roformer.files import one_line
 
 log = logging.getLogger(__name__)
+
+
+class LoggerKind(str, Enum):
+    wandb = "wandb"
+    none = "none"  # metrics still go to <run_dir>/metrics.jsonl
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when logged in (WANDB_API_KEY or ~/.netrc), else offline; WANDB_MODE wins if set
+    online = "online"
+    offline = "offline"  # files under <run_dir>/wandb, upload later with `wandb sync`
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    """Dashboard logging (rank 0 only). wandb failures warn once and never stop training."""
+
+    kind: LoggerKind = LoggerKind.wandb
+    project: str = "roformer"
+    entity: str | None = None
+    # runs of one sweep share a group; None: the sweep folder's name under -m, else no group
+    group: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    # None: the sweep job's override string (e.g. "pos=rope,seed=0"), else wandb's generated name
+    name: str | None = None
+    mode: WandbMode = WandbMode.auto
+
+    def __post_init__(self) -> None:
+        self.kind = LoggerKind(self.kind)
+        self.mode = WandbMode(self.mode)
 
 # x-axes of the dashboard: train/* and val/* are plotted against the optimizer step (and can be switched to
 # tokens seen in the UI)
@@ -55,6 +90,17 @@ def wandb_mode(mode: WandbMode) -> str:
     if env in ("online", "offline", "disabled", "dryrun", "run"):
         return {"dryrun": "offline", "run": "online"}.get(env, env)
     return "online" if wandb_logged_in() else "offline"
+
+
+def wandb_init(cfg: LoggerConfig, mode: str, run_dir: Path, **kwargs):
+    """``wandb.init`` with this project's settings (no console capture, quiet); ``kwargs`` add or override
+    (config, id, resume, name, group, job_type, reinit)."""
+    import wandb  # optional at run time: logger.kind=none never imports it (slow to import, network client)
+
+    args = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=cfg.job_type, tags=list(cfg.tags),
+                name=cfg.name, dir=str(run_dir), mode=mode,
+                settings=wandb.Settings(console="off", quiet=True, init_timeout=60))
+    return wandb.init(**{**args, **kwargs})
 
 
 def _clean(metrics: dict) -> dict:
@@ -93,8 +139,7 @@ class RunLogger(NullLogger):
 
     def _fail(self, what: str, e: BaseException) -> None:
         if not self._warned:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"wandb {what} failed ({type(e).__name__}: {msg[:200]}); continuing without wandb",
+            warnings.warn(f"wandb {what} failed ({type(e).__name__}: {one_line(e, 200)}); continuing without wandb",
                           RuntimeWarning, stacklevel=3)
             self._warned = True
         self._run = None
@@ -104,22 +149,8 @@ class RunLogger(NullLogger):
         if mode == "disabled":
             return
         try:
-            import wandb
-
-            self._run = wandb.init(
-                project=self.cfg.project,
-                entity=self.cfg.entity,
-                group=self.cfg.group,
-                job_type=self.cfg.job_type,
-                tags=list(self.cfg.tags),
-                name=self.cfg.name,
-                config=config,
-                dir=str(self.run_dir),
-                mode=mode,
-                id=self.run_id,
-                resume="allow",  # the same id continues the same run after trainer.resume
-                settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
-            )
+            # the same id continues the same run after trainer.resume
+            self._run = wandb_init(self.cfg, mode, self.run_dir, config=config, id=self.run_id, resume="allow")
             self._run.define_metric(STEP_METRIC)
             self._run.define_metric(TOKENS_METRIC, step_metric=STEP_METRIC)
             for pattern in ("train/*", "val/*"):
@@ -166,3 +197,57 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config: dict, *, run_id: str |
     if rank != 0:
         return NullLogger()
     return RunLogger(cfg, run_dir, config, run_id=run_id)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation runs
+
+# the result table's columns on the dashboard: the CSV's, less what is the same for every row of one checkpoint or
+# only for accounting
+EVAL_TABLE_SKIP = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
+
+
+def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: list[str]) -> None:
+    """One ``eval`` run per checkpoint, in its training run's group: a table, a line chart, eval/ppl@L.
+
+    ``columns`` are the result files' (CSV) columns. A dashboard failure warns and never loses the result files.
+    """
+    if cfg.kind != LoggerKind.wandb or wandb_mode(cfg.mode) == "disabled":
+        return
+    try:
+        import wandb  # optional: only with logger=wandb (see wandb_init)
+
+        for ck in results["checkpoints"]:
+            rows = [r for r in results["results"] if r["label"] == ck["label"]]
+            run = wandb_init(cfg, wandb_mode(cfg.mode), out_dir, group=cfg.group or ck.get("group"), job_type="eval",
+                             name=f"{ck['label']}-eval", reinit="finish_previous",
+                             config={"checkpoint": ck["path"], "settings": results["settings"], "train": ck["config"]})
+            cols = [c for c in columns if c not in EVAL_TABLE_SKIP]
+            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+            ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]
+            line = wandb.Table(
+                columns=["length", "ppl", "series"], data=[[r["length"], r["ppl"], f"{r['variant']}"] for r in ok]
+            )
+            run.log(
+                {
+                    "eval/results": table,
+                    "eval/ppl_vs_length": wandb.plot.line(
+                        line, "length", "ppl", stroke="series", title="perplexity vs evaluation length"
+                    ),
+                }
+            )
+            for r in rows:
+                if r["status"] != "ok":
+                    continue
+                suffix = "" if r["rope_scaling"] == "none" else f"/{r['rope_scaling']}"
+                if r["protocol"] == "nonoverlapping":
+                    run.summary[f"eval/ppl@{r['length']}{suffix}"] = r["ppl"]
+                run.summary[f"eval/{r['protocol']}/ppl@{r['length']}{suffix}"] = r["ppl"]
+            run.finish()
+    except Exception as e:  # never lose the files because a dashboard failed
+        warnings.warn(
+            f"wandb logging of the evaluation failed ({type(e).__name__}: {one_line(e, 200)}); "
+            "the result files are written",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,224 @@
+"""What evaluate.py does: checkpoints -> their data with their own tokenizer -> the grid of cells -> result files.
+
+The grid is checkpoint x RoPE scaling method (RoPE checkpoints only) x protocol x length; each cell is scored by
+the pure functions of :mod:`roformer.evaluation`. The files are written by :mod:`roformer.reporting` and the
+dashboard runs by :mod:`roformer.logger`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from roformer.checkpoint import (
+    CheckpointError,
+    configs_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from roformer.data import DataConfig, prepare
+from roformer.data import tokenizer as toklib
+from roformer.evaluation import EvalSettings, TextCounter, evaluate_model
+from roformer.files import to_plain
+from roformer.logger import LoggerConfig, log_evaluation
+from roformer.positional import RopeScaling
+from roformer.reporting import CSV_FIELDS, add_ratios, write_outputs
+from roformer.runtime import keep_freed_memory, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What evaluate.py scores. The scoring settings live in ``eval`` (roformer.evaluation.EvalSettings)."""
+
+    # a checkpoint file, a run folder, a sweep folder, or a list of those
+    ckpt: Any = None
+    # which checkpoint of a run folder: last or best
+    which: str = "last"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    # another corpus to score; None: each checkpoint's own corpus (always with the checkpoint's tokenizer)
+    data: DataConfig | None = None
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(job_type="eval"))
+
+    def __post_init__(self) -> None:
+        if self.ckpt in (None, "", []):
+            raise ValueError("ckpt is required: ckpt=RUN_FOLDER, ckpt=FILE.pt, ckpt=[A,B] or ckpt=SWEEP_FOLDER")
+        if not isinstance(self.ckpt, str):
+            self.ckpt = [str(c) for c in self.ckpt]
+        if self.which not in ("last", "best"):
+            raise ValueError(f"which={self.which!r} must be last or best")
+
+
+def find_checkpoints(spec, which: str = "last") -> list[Path]:
+    """A checkpoint file, a run folder, or a sweep folder (every run under it), or a list of those."""
+    if spec is None or spec == "" or spec == []:
+        raise CheckpointError("no checkpoint given: pass ckpt=PATH, ckpt=[PATH,PATH] or ckpt=SWEEP_FOLDER")
+    items = [spec] if isinstance(spec, str | Path) else list(spec)
+    name = f"{which}.pt"
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and not (p / "checkpoints" / name).is_file() and not (p / name).is_file():
+            runs = sorted(q for q in p.rglob(f"checkpoints/{name}") if q.is_file())
+            if not runs:
+                raise CheckpointError(f"{p} holds no run with checkpoints/{name}; give a checkpoint, run or sweep")
+            found += runs
+        elif p.is_dir():
+            found.append(p / "checkpoints" / name if (p / "checkpoints" / name).is_file() else p / name)
+        else:
+            found.append(resolve_checkpoint(p))
+    return list(dict.fromkeys(found))
+
+
+def _label(path: Path, taken: set[str], scheme: str) -> str:
+    """The run folder's name (a sweep job's overrides, e.g. pos=rope,seed=0), made unique."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    base = run.name if run.name and "=" in run.name else scheme
+    label, i = base, 1
+    while label in taken:
+        i += 1
+        label = f"{base}#{i}"
+    taken.add(label)
+    return label
+
+
+def _tokenizer_file(tok_json: str, cache_dir: str) -> str:
+    """The checkpoint's tokenizer as a file (the token cache is keyed on it), written once per tokenizer."""
+    h = toklib.tokenizer_hash(tok_json)
+    path = Path(cache_dir) / "tokenizers" / f"{h[:16]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        toklib.save(toklib.from_json(tok_json), path)
+    return str(path)
+
+
+def load_split(data_cfg: DataConfig, tok_json: str, split: str, progress: bool):
+    """The split tokenized with exactly the checkpoint's tokenizer (the cache is keyed on it)."""
+    cfg = replace(data_cfg, tokenizer_path=_tokenizer_file(tok_json, data_cfg.cache_dir))
+    data = prepare(cfg, progress=progress)
+    want = toklib.tokenizer_hash(tok_json)
+    if data.tokenizer_hash != want:
+        raise ValueError(
+            f"the data's tokenizer ({data.tokenizer_hash[:12]}) does not match the checkpoint's ({want[:12]}); "
+            "delete the token cache folder and run again"
+        )
+    if split not in data.splits:
+        raise ValueError(f"eval.split={split!r} is not a split of data={cfg.name}; choose one of {list(data.splits)}")
+    return data, data.splits[split]
+
+
+@dataclass
+class Plan:
+    """One checkpoint's share of the grid."""
+
+    path: Path
+    ckpt: dict
+    label: str
+    train_len: int
+    lengths: list[int]
+    scalings: list[RopeScaling]
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.lengths) * len(self.scalings)
+
+
+def plan(cfg: EvalConfig) -> list[Plan]:
+    """Read (and so validate) every checkpoint before any work, and decide its lengths and scaling methods."""
+    s = cfg.eval
+    paths = find_checkpoints(cfg.ckpt, cfg.which)
+    plans, taken = [], set()
+    for p in paths:
+        ck = load_checkpoint(p)
+        train_len = int(ck["train_cfg"]["trainer"]["seq_len"])
+        lengths = s.lengths_for(train_len)
+        if s.stride and s.stride > min(lengths):
+            raise ValueError(f"eval.stride={s.stride} is larger than the length {min(lengths)}; lower eval.stride")
+        pos_cfg = configs_from_checkpoint(ck)[1]
+        scalings = s.rope_scaling if pos_cfg.supports_scaling else [RopeScaling.none]
+        plans.append(Plan(p, ck, _label(p, taken, pos_cfg.name), train_len, lengths, scalings))
+    return plans
+
+
+def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_docs: int) -> dict:
+    ck = pl.ckpt
+    attention = ck["model_cfg"].get("attention", "softmax")
+    return {
+        "label": pl.label,
+        "path": str(pl.path),
+        "scheme": ck["pos_cfg"]["name"],
+        "attention": attention,
+        "variant": ck["pos_cfg"]["name"] + ("+linear" if attention == "linear" else ""),
+        "seed": ck["train_cfg"].get("seed"),
+        "train_len": pl.train_len,
+        "step": ck.get("step"),
+        "tokens_seen": ck.get("tokens_seen"),
+        "group": (ck["train_cfg"].get("logger") or {}).get("group"),
+        "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]},
+        "data": to_plain(data_cfg),
+        "split_tokens": int(len(stream)),
+        "split_docs": n_docs,
+    }
+
+
+def _score_checkpoint(pl: Plan, record: dict, split, counter: TextCounter, s: EvalSettings, device, bar,
+                      results: dict) -> None:
+    """Every cell of one checkpoint into ``results`` (rows and per-position curves)."""
+    model = model_from_checkpoint(pl.ckpt).to(device)
+    stream, docs = np.asarray(split.tokens), list(split.documents())
+    with torch.inference_mode():
+        for scaling in pl.scalings:
+            variant = record["variant"] + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
+            bar.set_postfix_str(f"{pl.label} {scaling.value}")
+            cells, per_pos = evaluate_model(model, stream=stream, docs=docs, lengths=pl.lengths, settings=s,
+                                            scaling=scaling, train_len=pl.train_len, counter=counter, device=device,
+                                            on_cell=lambda: bar.update(1))
+            for c in cells:
+                results["results"].append({"label": pl.label, "variant": variant, "scheme": record["scheme"],
+                                           "rope_scaling": scaling.value, "seed": record["seed"],
+                                           "train_len": pl.train_len, **c.as_dict()})
+            if per_pos:
+                L = max(per_pos)
+                results["per_position"].append({"label": pl.label, "variant": variant, "rope_scaling": scaling.value,
+                                                "length": L, "mean_loss": per_pos[L]})
+
+
+def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
+    """Score every checkpoint x RoPE scaling x protocol x length; write the result files; return the results."""
+    s = cfg.eval
+    device = resolve_device("auto", "eval.device") if s.device == "auto" else torch.device(s.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # see roformer/runtime.py
+    plans = plan(cfg)
+    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
+    bar = tqdm(total=n_cells, desc="evaluate", disable=not s.progress, dynamic_ncols=True)
+    results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
+               "results": [], "per_position": []}
+    data_cache: dict = {}
+    t_start = time.perf_counter()
+    for i, pl in enumerate(plans):
+        data_cfg = cfg.data if cfg.data is not None else DataConfig(**pl.ckpt["data_cfg"])
+        key = (repr(data_cfg), pl.ckpt["tokenizer_json"])
+        if key not in data_cache:
+            data_cache[key] = load_split(data_cfg, pl.ckpt["tokenizer_json"], s.split, s.progress)
+        data, split = data_cache[key]
+        record = _checkpoint_record(pl, data_cfg, split.tokens, split.n_docs)
+        results["checkpoints"].append(record)
+        _score_checkpoint(pl, record, split, TextCounter.from_tokenizer(data.tokenizer), s, device, bar, results)
+        if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
+            log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(plans), pl.label,
+                     len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip
+    bar.close()
+    add_ratios(results["results"])
+    write_outputs(results, out_dir)
+    log_evaluation(results, cfg.logger, out_dir, CSV_FIELDS)
+    return results

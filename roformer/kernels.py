@@ -1,0 +1,184 @@
+"""Hand-written fast paths that the model calls instead of PyTorch's general ops.
+
+* :func:`cross_entropy`: fp32 cross-entropy of low-precision logits in cache-sized blocks of rows, with the
+  gradient made in the forward pass instead of by autograd over full-size fp32 copies of the logits.
+* :func:`attention`: softmax attention that, for bf16 on CPU over short key lengths, runs as batched matmuls
+  with an fp32 softmax (:class:`_MatmulAttention` in training, :func:`_attention_forward` without autograd);
+  there PyTorch's CPU flash kernel is the slower one. Everything else goes to
+  ``F.scaled_dot_product_attention``.
+
+They exist because, in a CPU training step of this project's shape, the fp32 loss and the flash attention kernel
+were among the largest costs after the matmuls (docs/performance.md, "Where the time went"). Each must give
+what the plain PyTorch formula gives: their references (PyTorch's own ops and fp64 textbook formulas) live in
+``tests/test_kernels.py``. Measured speeds and errors are in ``docs/performance.md``, not here: they change
+with each torch release.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy in fp32 from logits of any dtype, computed in blocks of rows, with the gradient made in the
+    same pass: (softmax - onehot) / n is stored in the logits' dtype and the backward only scales it.
+
+    ``F.cross_entropy(logits.float())`` makes a fp32 copy of the (N, V) logits, a fp32 log-softmax, and in the
+    backward a zero-filled one-hot, a log-softmax gradient and a cast back: about eight passes over 4 N V bytes,
+    a sizeable share of a CPU training step at this project's vocabulary (figures in docs/performance.md). Here
+    each block's fp32 work stays in cache (CPU: 2 MB blocks), and the softmax is PyTorch's fused row kernel. The
+    loss is logsumexp - target logit, with logsumexp = max + log(sum exp(x - max)) = max - log(softmax's largest
+    value), which is at least 1 / V: exact however far the target lies below the best logit (log(softmax[target])
+    would underflow past ~87 nats).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, reduction: str, ignore_index: int):
+        N, V = logits.shape
+        want_grad = ctx.needs_input_grad[0]
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        n = valid.sum().clamp_min(1) if reduction == "mean" else None
+        losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits) if want_grad else None
+        # CPU: 2 MB of fp32 per block, so it stays in L2 (faster than larger blocks; figures in docs/performance.md);
+        # GPU: a few large blocks
+        rows = max(1, (1 << 19 if logits.device.type == "cpu" else 1 << 26) // V)
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            lf = logits[s:e].float()  # (rows, V)
+            tgt = safe[s:e, None]
+            p = torch.softmax(lf, dim=-1)
+            lse = lf.amax(dim=-1, keepdim=True) - p.amax(dim=-1, keepdim=True).log()
+            losses[s:e] = (lse - lf.gather(1, tgt)).squeeze(1)
+            if want_grad:
+                w = valid[s:e, None] / n if n is not None else valid[s:e, None].float()  # (rows, 1) row weights
+                p.scatter_add_(1, tgt, torch.full_like(w, -1.0))  # softmax - onehot
+                torch.mul(p, w, out=grad[s:e])  # scaled and cast to the logits' dtype in one pass
+        losses = losses.masked_fill(~valid, 0.0)
+        if want_grad:
+            ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        if reduction == "mean":
+            return losses.sum() / n
+        return losses.sum() if reduction == "sum" else losses
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            return grad * g[:, None].to(grad.dtype), None, None, None
+        # loss.backward(): skip a pass over N x V (no sync on CPU). Not under torch.compile: .item() would break
+        # the graph before the loss, and torch 2.13 then replays the logits' aliases wrongly from its cache.
+        if g.device.type == "cpu" and not torch.compiler.is_compiling() and g.item() == 1.0:
+            return grad, None, None, None
+        return grad * g.to(grad.dtype), None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = -100):
+    """fp32 cross-entropy of (N, V) logits against (N,) targets, like ``F.cross_entropy(logits.float(), ...)``."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} must be one of 'mean', 'sum', 'none'")
+    return _CrossEntropy.apply(logits, targets, reduction, ignore_index)
+
+
+# bf16 attention on CPU over at most this many keys runs as matmuls (faster than the flash kernel there, slower
+# beyond): _MatmulAttention in training, _attention_forward without autograd.
+CPU_ATTENTION_MAX_LEN = 512
+
+
+def _probs(qf, kf, mask3, dtype):
+    """softmax(q k^T / sqrt(D) + mask) for fp32 (N, T, D), (N, S, D) and a mask broadcastable to (N, T, S): scores
+    and softmax in fp32 (products of bf16 q and k are exact in fp32), probabilities rounded to ``dtype``."""
+    scores = torch.baddbmm(mask3, qf, kf.transpose(1, 2), alpha=qf.shape[-1] ** -0.5)
+    return torch.softmax(scores, dim=-1).to(dtype)
+
+
+def _flat_mask(mask, B, H, T, S):
+    """An additive mask as baddbmm's (T, S) or (B H, T, S) input, fp32."""
+    mask = mask.float()
+    return mask if mask.dim() == 2 else mask.expand(B, H, T, S).reshape(B * H, T, S)
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """Softmax attention for bf16 training on CPU, as batched matmuls: faster than the CPU flash kernel's
+    forward + backward over short key lengths, slower over long ones, hence CPU_ATTENTION_MAX_LEN (figures in
+    docs/performance.md). ``mask`` is additive (-inf hides a key), broadcastable to (B, H, T, S): the causal
+    mask, or a positional bias with the causal mask in it, whose gradient is returned.
+
+    As precise as the flash kernel (tests/test_kernels.py holds it to flash's own error against fp64): the
+    scores and the softmax are fp32, the probabilities are rounded to bf16 for the product with v, as flash does,
+    and kept (2 bytes per score) for the backward, whose softmax gradient is computed in fp32 inside the kernel.
+    The (B H, T, S) probabilities are what bounds it to short sequences.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # q (B, H, T, D); k, v (B, H, S, D)
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
+        with torch.autocast(q.device.type, enabled=False):
+            p = _probs(q3.float(), k3.float(), _flat_mask(mask, B, H, T, S), q.dtype)  # (B H, T, S)
+            ctx.save_for_backward(q3, k3, v3, p)
+            ctx.mask_shape = mask.shape
+            return torch.bmm(p, v3).view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        q3, k3, v3, p = ctx.saved_tensors
+        B, H, T, D = g.shape
+        S = k3.shape[1]
+        g3 = g.reshape(B * H, T, D).to(q3.dtype)
+        with torch.autocast(g.device.type, enabled=False):
+            dv = torch.bmm(p.transpose(1, 2), g3)
+            ds = torch._softmax_backward_data(torch.bmm(g3, v3.transpose(1, 2)), p, -1, p.dtype)  # d scores
+            dq = torch.bmm(ds, k3).mul_(D**-0.5)  # the scale on the (T, D) results, not the (T, S) scores
+            dk = torch.bmm(ds.transpose(1, 2), q3).mul_(D**-0.5)
+            dmask = None
+            if ctx.needs_input_grad[3]:  # a learned bias: d mask = d scores, summed over broadcast dimensions
+                dmask = ds.view(B, H, T, S).float().sum_to_size(ctx.mask_shape)
+        return dq.view(B, H, T, D), dk.view(B, H, S, D), dv.view(B, H, S, D), dmask
+
+
+def _attention_forward(q, k, v, mask):
+    """Forward only (no autograd), the arithmetic of _MatmulAttention. Causal (mask None): by blocks of queries,
+    each against only the keys it can see, which skips most of the masked half of the scores and makes it faster
+    than the flash kernel up to CPU_ATTENTION_MAX_LEN (figures in docs/performance.md)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    q3, k3, v3 = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
+    qf, kf = q3.float(), k3.float()
+    if mask is not None:
+        return torch.bmm(_probs(qf, kf, _flat_mask(mask, B, H, T, S), q.dtype), v3).view(B, H, T, D)
+    step = max(64, -(-T // 4))
+    out = []
+    for s in range(0, T, step):
+        e = min(s + step, T)
+        causal = torch.full((e - s, e), float("-inf"), device=q.device).triu_(s + 1)  # key j > query s + i
+        out.append(torch.bmm(_probs(qf[:, s:e], kf[:, :e], causal, q.dtype), v3[:, :e]))
+    return torch.cat(out, dim=1).view(B, H, T, D)
+
+
+def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with the fastest kernel for the case. q (B, H, T, D), k and v
+    (B, H, S, D); ``mask`` None: causal with the keys being the queries; else additive (fp32, -inf hides a key),
+    broadcastable to (B, H, T, S)."""
+    if (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and k.shape[2] <= CPU_ATTENTION_MAX_LEN
+        and dropout_p == 0.0
+        and not torch.compiler.is_compiling()
+    ):
+        inputs = (q, k, v) if mask is None else (q, k, v, mask)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            if mask is None:
+                T = q.shape[2]
+                mask = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
+            return _MatmulAttention.apply(q, k, v, mask)
+        with torch.autocast("cpu", enabled=False):
+            return _attention_forward(q, k, v, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
