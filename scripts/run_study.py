@@ -5,15 +5,19 @@
     python scripts/run_study.py --preset gpu         # GPT-2 small at L = 512 on WikiText-103 (GPU, internet)
     python scripts/run_study.py --out studies/mine --seeds 0,1 -- optim.lr=1e-3   # extra overrides for every run
 
-Variants: rope, sinusoidal, learned, alibi, nope, relative, t5, and rope with linear attention, all with the
-preset's shape, data and token budget. Each run goes to <out>/runs/<overrides> (a run that already has its
-last checkpoint is not trained again, so rerunning continues a study). Then evaluate.py scores every
-checkpoint with the three protocols at the preset's lengths, plus PI, NTK, dynamic NTK and YaRN on the RoPE
-checkpoints, and <out>/eval holds results.{json,csv,md}, the plots and report.md (scripts/study_report.py: ratio
-tables with mean ± std, the ALiBi paper's ratios beside ours, fixed-target against nonoverlapping).
-<out>/study.json records the command, commit, machine and wall times. wandb: one group per scheme,
-<study>-<variant> (its seeds side by side, or averaged with a band in wandb's grouped view), each checkpoint's eval
-run in its training run's group, and every run tagged with the study's name (the folder's).
+The study is data: configs/run_study.yaml, composed with Hydra's compose API and checked before any work.
+Variants: one per option of configs/pos/ (rope, sinusoidal, learned, alibi, nope, relative, t5; trained with
+pos=<name>, in the file's pos_order), then the ones it names (rope+linear: RoPE with linear attention), all with
+the preset's shape, data and token budget. A preset, configs/study/<preset>.yaml (cpu, quick, gpu), names the
+experiment every run trains (configs/experiment/), the seeds, and evaluate.py's eval.* settings. Each run goes
+to <out>/runs/<overrides> (a run that already has its last checkpoint is not trained again, so rerunning
+continues a study). Then evaluate.py scores every checkpoint with the three protocols at the preset's lengths,
+plus PI, NTK, dynamic NTK and YaRN on the RoPE checkpoints, and <out>/eval holds results.{json,csv,md}, the plots
+and report.md (scripts/study_report.py: ratio tables with mean ± std, the ALiBi paper's ratios beside ours,
+fixed-target against nonoverlapping). <out>/study.json records the command, commit, machine and wall times.
+wandb: one group per scheme, <study>-<variant> (its seeds side by side, or averaged with a band in wandb's
+grouped view), each checkpoint's eval run in its training run's group, and every run tagged with the study's
+name (the folder's).
 """
 
 from __future__ import annotations
@@ -26,43 +30,151 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from roformer.evaluation import EvalSettings  # noqa: E402
+from roformer.files import atomic_write, one_line  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
 
-VARIANTS = {  # name -> overrides
-    "rope": ["pos=rope"],
-    "sinusoidal": ["pos=sinusoidal"],
-    "learned": ["pos=learned"],
-    "alibi": ["pos=alibi"],
-    "nope": ["pos=nope"],
-    "relative": ["pos=relative"],
-    "t5": ["pos=t5"],
-    "rope+linear": ["pos=rope", "model.attention=linear"],
-}
-PRESETS = {
-    "cpu": dict(
-        experiment="extrapolation",
-        seeds=[0, 1, 2],
-        multipliers=[1, 1.25, 1.5, 2, 4, 5, 8, 16, 24],
-        eval=["eval.max_tokens=16384", "eval.max_docs=16", "eval.target_tokens=128", "eval.bf16=true"],
-    ),
-    "quick": dict(
-        experiment="extrapolation_quick",
-        seeds=[0],
-        multipliers=[1, 2, 4, 8, 16],
-        eval=["eval.max_tokens=8192", "eval.max_docs=8", "eval.target_tokens=128", "eval.bf16=true"],
-    ),
-    "gpu": dict(
-        experiment="extrapolation_gpu",
-        seeds=[0, 1, 2],
-        multipliers=[1, 1.25, 1.5, 2, 4, 5, 8, 16, 24],
-        eval=["eval.max_tokens=262144", "eval.target_tokens=256", "eval.bf16=true"],
-    ),
-}
+
+def options(group: str) -> list[str]:
+    """The options of a config group, configs/<group>/*.yaml, by name."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def hydra_value(value: Any) -> str:
+    """A YAML value as Hydra's command line writes it: true/false, [a,b,c], numbers and words as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass
+class Preset:
+    """One option of configs/study/: what every run trains and how the checkpoints are scored."""
+
+    # configs/experiment/<experiment>.yaml: the shape, data and token budget of every run
+    experiment: str
+    # the default --seeds
+    seeds: list[int]
+    # evaluate.py's eval.* settings (configs/evaluate.yaml), passed in this order; None: not passed
+    eval: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.experiment not in options("experiment"):
+            raise ValueError(f"experiment={self.experiment} is not in configs/experiment/; "
+                             f"choose from {options('experiment')}")
+        if not self.seeds:
+            raise ValueError("seeds is empty; list at least one")
+        try:  # a wrong key, type or value fails now, not after hours of training
+            settings = {k: v for k, v in self.eval.items() if v is not None}
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalSettings), settings))
+        except (ValueError, OmegaConfBaseException) as e:
+            raise ValueError(f"eval: {one_line(e)}") from None
+
+    def eval_overrides(self) -> list[str]:
+        return [f"eval.{k}={hydra_value(v)}" for k, v in self.eval.items() if v is not None]
+
+
+@dataclass
+class Study:
+    """configs/run_study.yaml composed with one preset."""
+
+    preset: Preset
+    # variant name -> train.py overrides, in the order runs are trained and reported
+    variants: dict[str, list[str]]
+
+
+def study_variants(pos_order: list[str], named: dict[str, list[str]]) -> dict[str, list[str]]:
+    """One variant per option of configs/pos/ (pos_order first, the others by name), then the named ones."""
+    pos = options("pos")
+    stale = [v for v in pos_order if v not in pos]
+    if stale:
+        raise ValueError(f"pos_order: {stale} not in configs/pos/; choose from {pos}")
+    variants = {v: [f"pos={v}"] for v in [*pos_order, *(v for v in pos if v not in pos_order)]}
+    clash = [v for v in named if v in variants]
+    if clash:
+        raise ValueError(f"variants: {clash} already name options of configs/pos/; choose other names")
+    return variants | {str(v): [str(o) for o in overrides] for v, overrides in named.items()}
+
+
+def load_study(preset: str) -> Study:
+    """configs/run_study.yaml composed with study=<preset>, checked; a ValueError names the file and the key."""
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="run_study"):
+            cfg = compose("run_study", overrides=[f"study={preset}"])
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ValueError(f"configs/run_study.yaml with study={preset} does not compose: {one_line(e)}") from None
+    try:
+        p = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Preset), cfg.study))
+    except (ValueError, OmegaConfBaseException) as e:
+        raise ValueError(f"configs/study/{preset}.yaml: {one_line(e)}") from None
+    try:
+        variants = study_variants(list(cfg.pos_order), OmegaConf.to_container(cfg.variants))
+    except ValueError as e:
+        raise ValueError(f"configs/run_study.yaml: {e}") from None
+    return Study(preset=p, variants=variants)
+
+
+def run_name(overrides: list[str], seed: int) -> str:
+    """A run's folder under <out>/runs: its overrides, as Hydra names a sweep's jobs."""
+    return ",".join([*overrides, f"seed={seed}"])
+
+
+def train_runs(
+    study: Study, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str]
+) -> list[tuple[str, Path, list[str]]]:
+    """(name, run folder, train.py command) of every run, seed-major: a study cut short still has every variant
+    for the first seeds."""
+    group = out.name
+    runs = []
+    for seed in seeds:
+        for v in variants:
+            name = run_name(study.variants[v], seed)
+            run_dir = out / "runs" / name
+            cmd = [
+                sys.executable,
+                "train.py",
+                f"experiment={study.preset.experiment}",
+                *study.variants[v],
+                f"seed={seed}",
+                f"logger={logger}",
+                f"logger.group={group}-{v}",
+                f"logger.tags=[extrapolation,{group}]",
+                f"logger.name={v}-seed{seed}",
+                "trainer.progress=false",
+                *extra,
+                f"hydra.run.dir='{run_dir}'",
+            ]
+            runs.append((name, run_dir, cmd))
+    return runs
+
+
+def eval_command(study: Study, out: Path, logger: str) -> list[str]:
+    """evaluate.py over every checkpoint under <out>/runs; each eval run goes to its checkpoint's training group."""
+    return [
+        sys.executable,
+        "evaluate.py",
+        f"ckpt='{out / 'runs'}'",
+        *study.preset.eval_overrides(),
+        f"logger={logger}",
+        f"logger.tags=[extrapolation,{out.name}]",
+        f"hydra.run.dir='{out / 'eval'}'",
+    ]
 
 
 def sh(cmd: list[str], log: Path) -> int:
@@ -107,24 +219,30 @@ def machine() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--preset", choices=options("study"), default="cpu", help="configs/study/<preset>.yaml")
     ap.add_argument("--out", default="", help="study folder (default studies/<preset>)")
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default=None, help="comma-separated subset (default: every variant, "
+                    "configs/run_study.yaml)")
     ap.add_argument("--logger", default="wandb", choices=["wandb", "none"])
     ap.add_argument("--skip-train", action="store_true", help="only evaluate what is in <out>/runs")
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides for every run (after --)")
     args = ap.parse_args()
-    preset = PRESETS[args.preset]
+    try:
+        study = load_study(args.preset)
+    except ValueError as e:
+        ap.error(str(e))
     out = Path(args.out or f"studies/{args.preset}").resolve()
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    variants = list(study.variants) if args.variants is None else [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in study.variants]
     if unknown:
-        ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
+        ap.error(f"--variants: unknown {unknown}; choose from {list(study.variants)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else study.preset.seeds
+    except ValueError:
+        ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
-    group = out.name
     t0 = time.time()
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -136,58 +254,24 @@ def main() -> int:
         "runs": [],
     }
     if not args.skip_train:
-        for seed in seeds:  # seed-major order: a study cut short still has every variant for the first seeds
-            for v in variants:
-                name = ",".join(VARIANTS[v] + [f"seed={seed}"])
-                run_dir = out / "runs" / name
-                if (run_dir / "checkpoints" / "last.pt").is_file():
-                    print(f"= {name}: already trained", flush=True)
-                    continue
-                t = time.time()
-                rc = sh(
-                    [
-                        sys.executable,
-                        "train.py",
-                        f"experiment={preset['experiment']}",
-                        *VARIANTS[v],
-                        f"seed={seed}",
-                        f"logger={args.logger}",
-                        f"logger.group={group}-{v}",
-                        f"logger.tags=[extrapolation,{group}]",
-                        f"logger.name={v}-seed{seed}",
-                        "trainer.progress=false",
-                        *args.overrides,
-                        f"hydra.run.dir='{run_dir}'",
-                    ],
-                    log,
-                )
-                record["runs"].append({"run": name, "exit_code": rc, "seconds": round(time.time() - t, 1)})
-                if rc != 0:
-                    print(f"! {name} failed (exit {rc}); see {log}", flush=True)
+        for name, run_dir, cmd in train_runs(study, variants, seeds, out, args.logger, args.overrides):
+            if (run_dir / "checkpoints" / "last.pt").is_file():
+                print(f"= {name}: already trained", flush=True)
+                continue
+            t = time.time()
+            rc = sh(cmd, log)
+            record["runs"].append({"run": name, "exit_code": rc, "seconds": round(time.time() - t, 1)})
+            if rc != 0:
+                print(f"! {name} failed (exit {rc}); see {log}", flush=True)
     t_train = time.time() - t0
-    mult = ",".join(str(m) for m in preset["multipliers"])
-    rc = sh(
-        [
-            sys.executable,
-            "evaluate.py",
-            f"ckpt='{out / 'runs'}'",
-            f"eval.multipliers=[{mult}]",
-            "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]",
-            "eval.progress=false",
-            *preset["eval"],
-            f"logger={args.logger}",  # each eval run goes to its checkpoint's training group
-            f"logger.tags=[extrapolation,{group}]",
-            f"hydra.run.dir='{out / 'eval'}'",
-        ],
-        log,
-    )
+    rc = sh(eval_command(study, out, args.logger), log)
     record.update(
         train_seconds=round(t_train, 1),
         eval_seconds=round(time.time() - t0 - t_train, 1),
         wall_seconds=round(time.time() - t0, 1),
         eval_exit_code=rc,
     )
-    (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(out / "study.json", json.dumps(record, indent=1) + "\n")
     if rc == 0:
         write_report(out)
     print(

@@ -1,0 +1,204 @@
+"""scripts/run_study.py reads its variants and presets from configs/ and runs the same commands as before.
+
+The expected commands are written out from the dicts the script held before configs/run_study.yaml and
+configs/study/ replaced them (OLD_VARIANTS, OLD_PRESETS, old_commands), so a config edit that changes what a
+study runs fails here. No training: the commands are built, or main() runs with its subprocess call replaced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, REPO
+
+spec = importlib.util.spec_from_file_location("run_study", REPO / "scripts" / "run_study.py")
+run_study = importlib.util.module_from_spec(spec)
+sys.modules["run_study"] = run_study  # dataclasses and OmegaConf look their module up by name
+spec.loader.exec_module(run_study)
+
+PY = sys.executable
+OLD_VARIANTS = {
+    "rope": ["pos=rope"],
+    "sinusoidal": ["pos=sinusoidal"],
+    "learned": ["pos=learned"],
+    "alibi": ["pos=alibi"],
+    "nope": ["pos=nope"],
+    "relative": ["pos=relative"],
+    "t5": ["pos=t5"],
+    "rope+linear": ["pos=rope", "model.attention=linear"],
+}
+OLD_PRESETS = {
+    "cpu": dict(
+        experiment="extrapolation",
+        seeds=[0, 1, 2],
+        multipliers=[1, 1.25, 1.5, 2, 4, 5, 8, 16, 24],
+        eval=["eval.max_tokens=16384", "eval.max_docs=16", "eval.target_tokens=128", "eval.bf16=true"],
+    ),
+    "quick": dict(
+        experiment="extrapolation_quick",
+        seeds=[0],
+        multipliers=[1, 2, 4, 8, 16],
+        eval=["eval.max_tokens=8192", "eval.max_docs=8", "eval.target_tokens=128", "eval.bf16=true"],
+    ),
+    "gpu": dict(
+        experiment="extrapolation_gpu",
+        seeds=[0, 1, 2],
+        multipliers=[1, 1.25, 1.5, 2, 4, 5, 8, 16, 24],
+        eval=["eval.max_tokens=262144", "eval.target_tokens=256", "eval.bf16=true"],
+    ),
+}
+
+
+def old_commands(preset: str, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str]):
+    """The train.py commands (seed-major) and the evaluate.py command of the script before this change."""
+    p, group = OLD_PRESETS[preset], out.name
+    train = [
+        [PY, "train.py", f"experiment={p['experiment']}", *OLD_VARIANTS[v], f"seed={seed}", f"logger={logger}",
+         f"logger.group={group}-{v}", f"logger.tags=[extrapolation,{group}]", f"logger.name={v}-seed{seed}",
+         "trainer.progress=false", *extra,
+         f"hydra.run.dir='{out / 'runs' / ','.join(OLD_VARIANTS[v] + [f'seed={seed}'])}'"]
+        for seed in seeds for v in variants
+    ]  # fmt: skip
+    mult = ",".join(str(m) for m in p["multipliers"])
+    evaluate = [PY, "evaluate.py", f"ckpt='{out / 'runs'}'", f"eval.multipliers=[{mult}]",
+                "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]", "eval.progress=false", *p["eval"],
+                f"logger={logger}", f"logger.tags=[extrapolation,{group}]",
+                f"hydra.run.dir='{out / 'eval'}'"]  # fmt: skip
+    return train, evaluate
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_cpu_preset_commands_written_out():
+    study, out = run_study.load_study("cpu"), Path("/studies/cpu")
+    runs = run_study.train_runs(study, ["rope", "learned", "rope+linear"], [0], out, "wandb", [])
+    assert [(name, run_dir) for name, run_dir, _ in runs] == [
+        ("pos=rope,seed=0", out / "runs" / "pos=rope,seed=0"),
+        ("pos=learned,seed=0", out / "runs" / "pos=learned,seed=0"),
+        ("pos=rope,model.attention=linear,seed=0", out / "runs" / "pos=rope,model.attention=linear,seed=0"),
+    ]
+    assert [cmd for _, _, cmd in runs] == [
+        [PY, "train.py", "experiment=extrapolation", "pos=rope", "seed=0", "logger=wandb", "logger.group=cpu-rope",
+         "logger.tags=[extrapolation,cpu]", "logger.name=rope-seed0", "trainer.progress=false",
+         "hydra.run.dir='/studies/cpu/runs/pos=rope,seed=0'"],
+        [PY, "train.py", "experiment=extrapolation", "pos=learned", "seed=0", "logger=wandb",
+         "logger.group=cpu-learned", "logger.tags=[extrapolation,cpu]", "logger.name=learned-seed0",
+         "trainer.progress=false", "hydra.run.dir='/studies/cpu/runs/pos=learned,seed=0'"],
+        [PY, "train.py", "experiment=extrapolation", "pos=rope", "model.attention=linear", "seed=0", "logger=wandb",
+         "logger.group=cpu-rope+linear", "logger.tags=[extrapolation,cpu]", "logger.name=rope+linear-seed0",
+         "trainer.progress=false", "hydra.run.dir='/studies/cpu/runs/pos=rope,model.attention=linear,seed=0'"],
+    ]  # fmt: skip
+    assert run_study.eval_command(study, out, "wandb") == [
+        PY, "evaluate.py", "ckpt='/studies/cpu/runs'", "eval.multipliers=[1,1.25,1.5,2,4,5,8,16,24]",
+        "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]", "eval.progress=false", "eval.max_tokens=16384",
+        "eval.max_docs=16", "eval.target_tokens=128", "eval.bf16=true", "logger=wandb",
+        "logger.tags=[extrapolation,cpu]", "hydra.run.dir='/studies/cpu/eval'",
+    ]  # fmt: skip
+    assert study.preset.seeds == [0, 1, 2]
+
+
+@pytest.mark.parametrize("preset", sorted(OLD_PRESETS))
+@pytest.mark.parametrize("logger,extra", [("wandb", []), ("none", ["optim.lr=1e-3", "data=sotu"])])
+def test_every_preset_runs_the_commands_it_ran_before(preset, logger, extra):
+    study, out = run_study.load_study(preset), Path("/somewhere") / f"my-{preset}"
+    assert list(study.variants) == list(OLD_VARIANTS) and study.variants == OLD_VARIANTS
+    assert study.preset.seeds == OLD_PRESETS[preset]["seeds"]
+    train, evaluate = old_commands(preset, list(OLD_VARIANTS), study.preset.seeds, out, logger, extra)
+    assert [cmd for _, _, cmd in run_study.train_runs(study, list(study.variants), study.preset.seeds, out,
+                                                      logger, extra)] == train  # fmt: skip
+    assert run_study.eval_command(study, out, logger) == evaluate
+
+
+def run_main(monkeypatch, argv: list[str]) -> tuple[int, list[list[str]]]:
+    """main() with ``argv``, recording the commands instead of running them."""
+    cmds = []
+    monkeypatch.setattr(run_study, "sh", lambda cmd, log: cmds.append(cmd) or 0)
+    monkeypatch.setattr(run_study, "write_report", lambda out: None)
+    monkeypatch.setattr(sys, "argv", ["run_study.py", *argv])
+    return run_study.main(), cmds
+
+
+def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_runs(tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    done = out / "runs" / "pos=learned,seed=3" / "checkpoints"
+    done.mkdir(parents=True)
+    (done / "last.pt").write_bytes(b"")
+    rc, cmds = run_main(monkeypatch, ["--preset", "quick", "--out", str(out), "--variants", "rope+linear,learned",
+                                      "--seeds", "3,1", "--logger", "none", "--", "optim.lr=1e-3"])  # fmt: skip
+    train, evaluate = old_commands("quick", ["rope+linear", "learned"], [3, 1], out, "none", ["optim.lr=1e-3"])
+    assert rc == 0 and cmds == [train[0], train[2], train[3], evaluate]  # learned seed 3 is already trained
+    record = json.loads((out / "study.json").read_text())
+    assert list(record) == ["command", "commit", "machine", "preset", "seeds", "variants", "runs", "train_seconds",
+                            "eval_seconds", "wall_seconds", "eval_exit_code"]  # fmt: skip
+    assert (record["preset"], record["seeds"], record["variants"]) == ("quick", [3, 1], ["rope+linear", "learned"])
+    assert [r["run"] for r in record["runs"]] == [
+        "pos=rope,model.attention=linear,seed=3", "pos=rope,model.attention=linear,seed=1", "pos=learned,seed=1"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["runs", "study.json"]  # no temporary files
+
+    rc, cmds = run_main(monkeypatch, ["--out", str(out), "--skip-train"])
+    assert rc == 0 and cmds == [old_commands("cpu", [], [], out, "wandb", [])[1]]
+    assert json.loads((out / "study.json").read_text())["variants"] == list(OLD_VARIANTS)
+
+
+def test_variants_are_the_pos_options_in_the_study_order_then_the_named_ones():
+    study = run_study.load_study("cpu")
+    pos_order = ["rope", "sinusoidal", "learned", "alibi", "nope", "relative", "t5"]
+    assert set(options("pos")) == set(pos_order)  # a new scheme's YAML is a variant anyway; list it in pos_order
+    assert list(study.variants) == [*pos_order, "rope+linear"]
+    assert all(study.variants[v] == [f"pos={v}"] for v in options("pos"))
+
+
+def test_a_new_pos_option_is_a_variant(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    (configs / "pos" / "xpos.yaml").write_text("name: xpos\n")
+    monkeypatch.setattr(run_study, "CONFIGS", configs)
+    variants = run_study.load_study("cpu").variants
+    assert list(variants)[-2:] == ["xpos", "rope+linear"] and variants["xpos"] == ["pos=xpos"]
+
+
+@pytest.mark.parametrize("preset", options("study"))
+def test_every_preset_loads_and_names_an_experiment_that_exists(preset):
+    assert options("study") == ["cpu", "gpu", "quick"]
+    assert run_study.load_study(preset).preset.experiment in options("experiment")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "rope,rotary"], "error: --variants: unknown ['rotary']; choose from ['rope', 'sinusoidal', "),
+    (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'gpu', 'quick')"),
+    (["--seeds", "0,one"], "error: --seeds: '0,one' is not a comma-separated list of integers"),
+])  # fmt: skip
+def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, ["--out", str(tmp_path / "s"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("file,old,new,message", [
+    ("study/cpu.yaml", "max_docs: 16", "max_doc: 16", "configs/study/quick.yaml: eval: Key 'max_doc' not in"),
+    ("study/cpu.yaml", "[none, pi,", "[none, pie,", "Invalid value 'pie', expected one of [none, pi, ntk"),
+    ("study/quick.yaml", "extrapolation_quick", "extrapolation_fast",
+     "experiment=extrapolation_fast is not in configs/experiment/; choose from ['extrapolation', "),
+    ("study/quick.yaml", "seeds: [0]", "seed: [0]", "configs/study/quick.yaml: Key 'seed' not in 'Preset'"),
+    ("run_study.yaml", "relative, t5]", "relative, t5, xpos]", "pos_order: ['xpos'] not in configs/pos/"),
+    ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name options of configs/pos/"),
+])  # fmt: skip
+def test_a_bad_study_config_fails_in_one_line(tmp_path, monkeypatch, file, old, new, message):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    path = configs / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    monkeypatch.setattr(run_study, "CONFIGS", configs)
+    with pytest.raises(ValueError) as e:
+        run_study.load_study("quick")
+    assert message in str(e.value) and "\n" not in str(e.value)
