@@ -37,6 +37,7 @@ import torch
 
 import roformer.model as model_now
 import roformer.positional as positional_now
+from roformer.files import atomic_write
 from roformer.positional import SCHEMES
 from roformer.runtime import keep_freed_memory
 
@@ -311,8 +312,7 @@ def main() -> None:
     print("\n" + fmt(rows, peaks))
     print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "matmul_peak_flops": peaks, "rows": rows}, f, indent=2)
+        atomic_write(args.json, json.dumps({"args": vars(args), "matmul_peak_flops": peaks, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

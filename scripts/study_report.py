@@ -11,12 +11,12 @@ checkpoints, no results.json).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from roformer.files import atomic_write  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
 
 PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_vs_length.png", "per_position.png")
@@ -35,12 +35,10 @@ def main() -> int:
     print(f"report: {report}")
     if args.publish:
         args.publish.mkdir(parents=True, exist_ok=True)
-        for name in PUBLISHED:
-            src = args.study / "eval" / name
+        sources = [args.study / "eval" / name for name in PUBLISHED] + [args.study / "study.json"]
+        for src in sources:
             if src.is_file():
-                shutil.copyfile(src, args.publish / name)
-        if (args.study / "study.json").is_file():
-            shutil.copyfile(args.study / "study.json", args.publish / "study.json")
+                atomic_write(args.publish / src.name, src.read_bytes())
         print(f"published to {args.publish}")
     return 0
 
