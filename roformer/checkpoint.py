@@ -1,4 +1,4 @@
-"""Self-describing checkpoints: the format, built in one place, written atomically, read safely, checked on resume.
+"""Self-describing checkpoints: the format, built in one place, written atomically, read safely.
 
 A checkpoint is one ``torch.save`` file holding a dict, assembled by :func:`build_payload` and nowhere else:
 
@@ -7,8 +7,14 @@ A checkpoint is one ``torch.save`` file holding a dict, assembled by :func:`buil
 * ``tokenizer_json``  the tokenizer, serialised (``tokenizers.Tokenizer.from_str`` restores it)
 * ``model``           state_dict; ``optimizer``, ``scheduler``, ``scaler`` (fp16 only, else None) states
 * ``rng``             python, numpy, torch CPU and CUDA generator states; ``sampler`` the data sampler's state
-* ``step``, ``tokens_seen``, ``best_val_loss``, ``wandb_run_id``, ``metrics`` (last ``val/loss``, ``val/ppl``)
+* ``step``, ``tokens_seen``, ``best_val_loss``, ``wandb_run_id``, ``metrics`` (the step's ``val/loss`` and ``val/ppl``;
+  empty in a checkpoint written on an interrupt, which is not validated)
 * ``world_size``      the number of ranks that trained it (the global batch is batch_size x world_size x grad_accum)
+* ``resume_overrides`` run-defining changes made on purpose at a resume (``trainer.resume_override``), every
+  resume's, oldest first: ``[{"step": N, "key": "seed", "from": 0, "to": 1}, ...]``; ``[]`` when there were none
+  (absent before this field existed). What may change and what it does: :mod:`roformer.resume`
+
+``train_cfg`` is the config of the run that wrote the file, so after an override it holds the new value.
 
 A run folder keeps ``checkpoints/last.pt``, ``checkpoints/best.pt`` (lowest validation loss) and the last k
 ``checkpoints/step_XXXXXX.pt`` (:func:`write_run_checkpoint`); last/best are hard links to a step file where the
@@ -21,10 +27,11 @@ Checkpoints written before ``model.activation`` existed load as ``gelu_tanh``, t
 
 from __future__ import annotations
 
-import math
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -77,8 +84,36 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     if bad:
         raise CheckpointError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
     payload = {"format": dict(FORMAT), **payload}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda f: torch.save(payload, f))
+    except (OSError, RuntimeError) as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
+        cause = _os_cause(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause} (errno {cause.errno}); "
+                              "any previous checkpoint is intact; free space or choose another hydra.run.dir, "
+                              "then resume with trainer.resume=auto") from None
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or somewhere in its cause/context chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed (``.<name>.*.tmp``); returns them. Only
+    the run's writer (rank 0, at start) calls this, when no write of its own is under way."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -112,8 +147,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...: one line, no unpickling traceback
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which is exactly what would run a malicious payload
+        what = ("holds objects other than tensors and plain data (refused unread: unpickling them could run code)"
+                if zipfile.is_zipfile(p) else "is not a torch file (random bytes or another format)")
+        raise CheckpointError(f"{p} is not a roformer checkpoint: it {what}") from None
+    except Exception as e:  # truncated zip, unreadable file, ...: one line, no traceback
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in reason:  # never pass on torch's advice to load it unsafely
+            reason = type(e).__name__
         raise CheckpointError(
             f"{p} is not a readable roformer checkpoint (truncated, corrupted or another format): {reason[:200]}"
         ) from None
@@ -142,18 +184,6 @@ def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") ->
     return model.eval()
 
 
-def config_diff(saved: Mapping, current: Mapping, prefix: str) -> list[str]:
-    """``prefix.key=saved -> current`` for every key whose value differs."""
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, float) and isinstance(b, float) and (a == b or math.isclose(a, b)):
-            continue
-        if a != b:
-            out.append(f"{prefix}.{k}={a} (checkpoint) vs {b} (this run)")
-    return out
-
-
 def prune_step_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest ``step_XXXXXX.pt`` files (last/best are separate links)."""
     steps = sorted(folder.glob("step_*.pt"))
@@ -162,12 +192,13 @@ def prune_step_checkpoints(folder: Path, keep: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A training run's checkpoints: the payload, the files of a run folder, the checks before resuming
+# A training run's checkpoints: the payload, the files of a run folder, where a resume starts
 
 
 def build_payload(*, train_cfg, tokenizer_json: str, model, optimizer,
                   scheduler, scaler, sampler, rng: dict, step: int, tokens_seen: int, best_val_loss: float,
-                  wandb_run_id: str | None, metrics: dict, world_size: int) -> dict:
+                  wandb_run_id: str | None, metrics: dict, world_size: int,
+                  resume_overrides: list[dict] | None = None) -> dict:
     """The checkpoint dict of the module docstring, from a run's config (a dataclass with ``model``, ``pos`` and
     ``data`` fields) and live objects. ``scaler`` is None unless fp16 needs one."""
     return {
@@ -178,6 +209,7 @@ def build_payload(*, train_cfg, tokenizer_json: str, model, optimizer,
         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
         "sampler": sampler.state_dict(), "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
         "wandb_run_id": wandb_run_id, "metrics": metrics, "world_size": world_size,
+        "resume_overrides": list(resume_overrides or []),
     }
 
 
@@ -205,21 +237,3 @@ def resume_path(resume: str, run_dir: Path) -> Path | None:
         p = run_dir / "checkpoints" / LAST
         return p if p.exists() else None
     return resolve_checkpoint(resume)
-
-
-def check_same_shape(ckpt: dict, model_cfg: ModelConfig, pos_cfg: PosConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model or positional scheme, naming the differing fields."""
-    saved_model = {k: v for k, v in to_plain(configs_from_checkpoint(ckpt)[0]).items() if k != "vocab_size"}
-    cur_model = {k: v for k, v in to_plain(model_cfg).items() if k != "vocab_size"}
-    diff = config_diff(saved_model, cur_model, "model") + config_diff(ckpt["pos_cfg"], to_plain(pos_cfg), "pos")
-    if diff:
-        raise ValueError(f"cannot resume from {path}: it has another shape: {'; '.join(diff)}; "
-                         "resume with the same model/pos settings or start a new run")
-
-
-def check_same_tokenizer(ckpt: dict, vocab_size: int, tokenizer_json: str, path: Path) -> None:
-    """Refuse to resume a checkpoint whose tokenizer is not this run's data's."""
-    if ckpt["model_cfg"]["vocab_size"] != vocab_size or ckpt["tokenizer_json"] != tokenizer_json:
-        raise ValueError(f"cannot resume from {path}: its tokenizer differs from this run's data "
-                         f"(vocab {ckpt['model_cfg']['vocab_size']} vs {vocab_size}); use the same data.* "
-                         "settings as the checkpointed run")

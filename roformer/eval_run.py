@@ -3,6 +3,11 @@
 The grid is checkpoint x RoPE scaling method (RoPE checkpoints only) x protocol x length; each cell is scored by
 the pure functions of :mod:`roformer.evaluation`. The files are written by :mod:`roformer.reporting` and the
 dashboard runs by :mod:`roformer.logger`.
+
+A checkpoint's own corpus is read from the token cache built when it was trained (same tokenizer, so the same
+tokens); another corpus, or a training cache that is gone, is tokenized once with the checkpoint's tokenizer into
+a cache keyed on it. Every split is opened before scoring starts, so the one progress bar (in input tokens, the
+cost of a cell) is the only one on screen while it runs.
 """
 
 from __future__ import annotations
@@ -24,10 +29,20 @@ from roformer.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from roformer.data import DataConfig, prepare
+from roformer.data import DataConfig, PreparedData, TokenSplit, open_prepared, prepare
 from roformer.data import tokenizer as toklib
-from roformer.evaluation import EvalSettings, TextCounter, evaluate_model
-from roformer.files import to_plain
+from roformer.evaluation import (
+    EvalSettings,
+    Protocol,
+    TextCounter,
+    cell_cost,
+    evaluate_model,
+    fixed_documents,
+    fixed_target_tokens,
+    long_documents,
+    stream_targets,
+)
+from roformer.files import ensure_writable, to_plain
 from roformer.logger import LoggerConfig, log_evaluation
 from roformer.positional import RopeScaling
 from roformer.reporting import CSV_FIELDS, add_ratios, write_outputs
@@ -96,16 +111,26 @@ def _tokenizer_file(tok_json: str, cache_dir: str) -> str:
     h = toklib.tokenizer_hash(tok_json)
     path = Path(cache_dir) / "tokenizers" / f"{h[:16]}.json"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable(path.parent, "data.cache_dir")
         toklib.save(toklib.from_json(tok_json), path)
     return str(path)
 
 
 def load_split(data_cfg: DataConfig, tok_json: str, split: str, progress: bool):
-    """The split tokenized with exactly the checkpoint's tokenizer (the cache is keyed on it)."""
-    cfg = replace(data_cfg, tokenizer_path=_tokenizer_file(tok_json, data_cfg.cache_dir))
-    data = prepare(cfg, progress=progress)
+    """The split tokenized with exactly the checkpoint's tokenizer.
+
+    The cache `prepare(data_cfg)` would use (for a checkpoint's own corpus: the one built when it was trained) is
+    opened as it is when its tokenizer is the checkpoint's; otherwise the split is tokenized with the checkpoint's
+    tokenizer into a cache keyed on it (built once, then reused).
+    """
     want = toklib.tokenizer_hash(tok_json)
+    cfg = data_cfg
+    data = open_prepared(cfg)
+    if data is not None and data.tokenizer_hash == want:
+        log.info("using the %s token cache at %s (the checkpoint's tokenizer)", cfg.name, data.cache_path)
+    else:
+        cfg = replace(data_cfg, tokenizer_path=_tokenizer_file(tok_json, data_cfg.cache_dir))
+        data = prepare(cfg, progress=progress)
     if data.tokenizer_hash != want:
         raise ValueError(
             f"the data's tokenizer ({data.tokenizer_hash[:12]}) does not match the checkpoint's ({want[:12]}); "
@@ -126,6 +151,7 @@ class Plan:
     train_len: int
     lengths: list[int]
     scalings: list[RopeScaling]
+    table: int | None  # the positions the scheme has (learned absolute), None: any length
 
     @property
     def n_cells(self) -> int:
@@ -145,8 +171,73 @@ def plan(cfg: EvalConfig) -> list[Plan]:
             raise ValueError(f"eval.stride={s.stride} is larger than the length {min(lengths)}; lower eval.stride")
         pos_cfg = configs_from_checkpoint(ck)[1]
         scalings = s.rope_scaling if pos_cfg.supports_scaling else [RopeScaling.none]
-        plans.append(Plan(p, ck, _label(p, taken, pos_cfg.name), train_len, lengths, scalings))
+        label = _label(p, taken, pos_cfg.name)
+        plans.append(Plan(p, ck, label, train_len, lengths, scalings, table=pos_cfg.max_positions))
     return plans
+
+
+@dataclass
+class Share:
+    """What one checkpoint's cells read: its split, the stretch and documents scored, each cell's cost."""
+
+    data_cfg: DataConfig
+    data: PreparedData
+    split: TokenSplit
+    docs: list[np.ndarray]  # the split's documents
+    n_targets: int  # M: targets of every nonoverlapping/sliding cell
+    target_tokens: int  # K: final tokens of each fixed_target document
+    n_fixed_docs: int  # fixed_target documents scored
+    n_long_docs: int  # documents long enough for the largest length
+    costs: dict[tuple[str, int], int]  # (protocol, length) -> input tokens read, per RoPE scaling method
+
+
+def share_of(pl: Plan, data_cfg: DataConfig, data: PreparedData, split: TokenSplit, s: EvalSettings) -> Share:
+    """What the settings `s` make one checkpoint's cells read of its split (the rules are evaluation.py's)."""
+    stream, docs = np.asarray(split.tokens), list(split.documents())
+    n_targets = stream_targets(s, len(stream), pl.lengths)
+    fixed = fixed_documents(docs, pl.lengths, s)
+    costs = {(p.value, L): 0 if pl.table is not None and L > pl.table else
+             cell_cost(p, L, n_targets=n_targets, stride=s.stride, n_docs=len(fixed))
+             for p in s.protocols for L in pl.lengths}  # fmt: skip
+    return Share(data_cfg, data, split, docs, n_targets=n_targets, target_tokens=fixed_target_tokens(s, pl.lengths),
+                 n_fixed_docs=len(fixed), n_long_docs=len(long_documents(docs, max(pl.lengths))), costs=costs)
+
+
+def _values(xs) -> str:
+    return "/".join(f"{x:,}" for x in sorted(set(xs)))
+
+
+def describe(plans: list[Plan], shares: list[Share], s: EvalSettings) -> str:
+    """Two lines for people: what will be scored, and how to score everything."""
+    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
+    shapes = {(len(pl.lengths), len(pl.scalings)) for pl in plans}
+    if len(shapes) == 1:
+        n_len, n_sc = shapes.pop()
+        grid = f"{n_len} lengths x {len(s.protocols)} protocols" + (f" x {n_sc} RoPE scalings" if n_sc > 1 else "")
+        what = f"{len(plans)} checkpoint{'s' if len(plans) > 1 else ''} x {grid} = {n_cells} cells"
+    else:
+        what = f"{len(plans)} checkpoints, {n_cells} cells"
+    streams = [p.value for p in s.protocols if p != Protocol.fixed_target]
+    per_cell = []
+    if streams:
+        per_cell.append(f"{_values(sh.n_targets for sh in shares)} tokens ({', '.join(streams)})")
+    if Protocol.fixed_target in s.protocols:
+        per_cell.append(f"the last {_values(sh.target_tokens for sh in shares)} tokens of "
+                        f"{_values(sh.n_fixed_docs for sh in shares)} documents (fixed_target)")
+    lines = [f"scoring {what}; per cell: {' and '.join(per_cell)}"]
+    capped = []
+    if streams and any(sh.n_targets < len(sh.split) - 1 for sh in shares):
+        capped.append(f"{_values(sh.n_targets for sh in shares)} of its {_values(len(sh.split) - 1 for sh in shares)} "
+                      "tokens (eval.max_tokens)")
+    if Protocol.fixed_target in s.protocols and any(sh.n_fixed_docs < sh.n_long_docs for sh in shares):
+        capped.append(f"{_values(sh.n_fixed_docs for sh in shares)} of its {_values(sh.n_long_docs for sh in shares)} "
+                      "documents long enough for the largest length (eval.max_docs)")
+    if capped:
+        lines.append(f"that is part of the {s.split} split: {' and '.join(capped)}; "
+                     "to score all of it: eval.max_tokens=0 eval.max_docs=0")
+    else:
+        lines.append(f"that is all of the {s.split} split")
+    return "\n".join(lines)
 
 
 def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_docs: int) -> dict:
@@ -170,18 +261,16 @@ def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_doc
     }
 
 
-def _score_checkpoint(pl: Plan, record: dict, split, counter: TextCounter, s: EvalSettings, device, bar,
-                      results: dict) -> None:
+def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device, on_cell, results: dict) -> None:
     """Every cell of one checkpoint into ``results`` (rows and per-position curves)."""
     model = model_from_checkpoint(pl.ckpt).to(device)
-    stream, docs = np.asarray(split.tokens), list(split.documents())
+    counter = TextCounter.from_tokenizer(sh.data.tokenizer)
     with torch.inference_mode():
         for scaling in pl.scalings:
             variant = record["variant"] + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
-            bar.set_postfix_str(f"{pl.label} {scaling.value}")
-            cells, per_pos = evaluate_model(model, stream=stream, docs=docs, lengths=pl.lengths, settings=s,
-                                            scaling=scaling, train_len=pl.train_len, counter=counter, device=device,
-                                            on_cell=lambda: bar.update(1))
+            cells, per_pos = evaluate_model(model, stream=np.asarray(sh.split.tokens), docs=sh.docs,
+                                            lengths=pl.lengths, settings=s, scaling=scaling, train_len=pl.train_len,
+                                            counter=counter, device=device, on_cell=on_cell)
             for c in cells:
                 results["results"].append({"label": pl.label, "variant": variant, "scheme": record["scheme"],
                                            "rope_scaling": scaling.value, "seed": record["seed"],
@@ -199,21 +288,36 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
     if device.type == "cpu":
         keep_freed_memory()  # see roformer/runtime.py
     plans = plan(cfg)
-    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
-    bar = tqdm(total=n_cells, desc="evaluate", disable=not s.progress, dynamic_ncols=True)
-    results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
-               "results": [], "per_position": []}
-    data_cache: dict = {}
-    t_start = time.perf_counter()
-    for i, pl in enumerate(plans):
+    loaded: dict = {}  # (data config, tokenizer) -> (data, split): checkpoints of one sweep share their split
+    shares = []
+    for pl in plans:
         data_cfg = cfg.data if cfg.data is not None else DataConfig(**pl.ckpt["data_cfg"])
         key = (repr(data_cfg), pl.ckpt["tokenizer_json"])
-        if key not in data_cache:
-            data_cache[key] = load_split(data_cfg, pl.ckpt["tokenizer_json"], s.split, s.progress)
-        data, split = data_cache[key]
-        record = _checkpoint_record(pl, data_cfg, split.tokens, split.n_docs)
+        if key not in loaded:
+            loaded[key] = load_split(data_cfg, pl.ckpt["tokenizer_json"], s.split, s.progress)
+        shares.append(share_of(pl, data_cfg, *loaded[key], s))
+    for line in describe(plans, shares, s).splitlines():
+        log.info(line)
+    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
+    total = sum(sum(sh.costs.values()) * len(pl.scalings) for pl, sh in zip(plans, shares, strict=True))
+    # one bar over every cell, in input tokens read, so that its rate and ETA hold across cells of unequal cost:
+    # a sliding cell reads about twice what a nonoverlapping one does, a fixed_target cell grows with its length
+    bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not s.progress,
+               dynamic_ncols=True)
+    results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
+               "results": [], "per_position": []}
+    t_start, done = time.perf_counter(), 0
+    for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
+        record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)
         results["checkpoints"].append(record)
-        _score_checkpoint(pl, record, split, TextCounter.from_tokenizer(data.tokenizer), s, device, bar, results)
+
+        def on_cell(cell, pl=pl, sh=sh):
+            nonlocal done
+            done += 1
+            bar.set_postfix_str(f"{pl.label}, cell {done}/{n_cells}", refresh=False)
+            bar.update(sh.costs[(cell.protocol, cell.length)])
+
+        _score_checkpoint(pl, record, sh, s, device, on_cell, results)
         if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
             log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(plans), pl.label,
                      len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip

@@ -10,11 +10,13 @@ position 0, as a model sees them in training; only the context before each score
   previous one did not, so every scored token (after the first window) has at least L - S tokens of context.
   The token count is exact: the Hugging Face recipe's off-by-one per window does not happen here.
 * ``fixed_target`` (Kazemnejad et al., 2023): the last K tokens of every document long enough for the largest
-  length, scored with a window of L tokens ending at the document's end, so the targets are identical at every
-  length and only the context changes.
+  length (the first ``max_docs`` of them), scored with a window of L tokens ending at the document's end, so the
+  targets are identical at every length and only the context changes. K is ``target_tokens``, lowered to the
+  smallest length when that is shorter, and is the same at every length of a model.
 
 For the first two, every length scores the same stretch: the first M + 1 tokens of the split's stream (M =
-``max_tokens`` or all), so perplexities at different lengths are comparable.
+``max_tokens``, raised to the largest length, or the whole split), so perplexities at different lengths are
+comparable.
 
 Metrics: token perplexity exp(NLL / tokens), bits per byte NLL / ln 2 / bytes, and word-level perplexity
 exp(NLL / words), where bytes are the UTF-8 bytes the scored tokens stand for (the end-of-document token counts
@@ -62,15 +64,19 @@ class EvalSettings:
     )
     # sliding window stride in tokens; 0: half of each length
     stride: int = 0
-    # fixed_target: number of final tokens of each document that are scored (K)
+    # fixed_target: number of final tokens of each document that are scored (K); lowered to the smallest
+    # evaluated length when that is shorter, the same K at every length of a checkpoint
     target_tokens: int = 256
-    # fixed_target: use at most this many of the long-enough documents, the first ones in order (0: all)
-    max_docs: int = 0
+    # fixed_target: use at most this many of the long-enough documents, the first ones in order (0: all).
+    # The default keeps a sweep's evaluation to minutes on a CPU; 0 scores all of them
+    max_docs: int = 32
     # zero-shot context extension applied to RoPE checkpoints; each method's factor is length / training length
     rope_scaling: list[RopeScaling] = field(default_factory=lambda: [RopeScaling.none])
     split: str = "test"
-    # score at most this many target tokens of the split (0: all), the same stretch at every length
-    max_tokens: int = 0
+    # nonoverlapping/sliding: score the first this many target tokens of the split, the same stretch at every
+    # length (raised to the largest length so that it fits one window; 0: the whole split). The default keeps a
+    # sweep's evaluation to minutes on a CPU; 0 scores everything
+    max_tokens: int = 32768
     # tokens per forward batch (windows of one length are batched up to this many tokens)
     batch_tokens: int = 8192
     # bf16 autocast for the forward (the loss is always accumulated in float64)
@@ -313,6 +319,41 @@ def evaluate_fixed_target(
     return score
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What one model's cells score (shared by evaluate_model, eval_run's plan line and its progress bar)
+
+
+def stream_targets(settings: EvalSettings, n_stream: int, lengths: list[int]) -> int:
+    """M, the targets every nonoverlapping and sliding cell scores: ``max_tokens`` raised to the largest length
+    (so every length has a full window), at most the split's; the whole split when ``max_tokens`` is 0."""
+    if not settings.max_tokens:
+        return n_stream - 1
+    return min(n_stream - 1, max(settings.max_tokens, max(lengths)))
+
+
+def fixed_target_tokens(settings: EvalSettings, lengths: list[int]) -> int:
+    """K, the final tokens of each document that fixed_target scores: ``target_tokens``, lowered to the smallest
+    length when that is shorter, so the targets are the same at every length of a model."""
+    return min(settings.target_tokens, min(lengths))
+
+
+def fixed_documents(docs: list[np.ndarray], lengths: list[int], settings: EvalSettings) -> list[np.ndarray]:
+    """The documents fixed_target scores: those long enough for the largest length, the first ``max_docs``."""
+    usable = long_documents(docs, max(lengths))
+    return usable[: settings.max_docs] if settings.max_docs else usable
+
+
+def cell_cost(protocol: Protocol, length: int, *, n_targets: int, stride: int, n_docs: int) -> int:
+    """Input tokens the forward passes of one cell read (the progress bar's unit); 0 when the cell cannot run."""
+    if protocol == Protocol.fixed_target:
+        return n_docs * length
+    if n_targets < length:
+        return 0
+    if protocol == Protocol.nonoverlapping:
+        return n_targets
+    return sum(n for _, n, _ in sliding_windows(n_targets, length, stride or max(1, length // 2)))
+
+
 @dataclass
 class Cell:
     """One (protocol, length) result for one model variant."""
@@ -322,9 +363,12 @@ class Cell:
     status: str  # ok | n/a | skipped
     note: str = ""
     score: Score | None = None
+    target_tokens: int | None = None  # fixed_target: K, the final tokens of each document scored
 
     def as_dict(self) -> dict:
         d = {"protocol": self.protocol, "length": self.length, "status": self.status, "note": self.note}
+        if self.target_tokens is not None:
+            d["target_tokens"] = self.target_tokens
         s = self.score
         if s is not None:
             d.update(
@@ -352,40 +396,41 @@ def evaluate_model(
     device,
     on_cell=None,
 ) -> tuple[list[Cell], dict]:
-    """Every (protocol, length) cell for one model and one RoPE scaling method, plus its per-position loss."""
-    n_targets = len(stream) - 1 if not settings.max_tokens else min(settings.max_tokens, len(stream) - 1)
-    fixed_docs = long_documents(docs, max(lengths))
-    if settings.max_docs:
-        fixed_docs = fixed_docs[: settings.max_docs]
+    """Every (protocol, length) cell for one model and one RoPE scaling method, plus its per-position loss.
+
+    ``on_cell(cell)``, if given, is called after each cell.
+    """
+    n_targets = stream_targets(settings, len(stream), lengths)
+    K = fixed_target_tokens(settings, lengths)
+    fixed_docs = fixed_documents(docs, lengths, settings)
+    common = dict(batch_tokens=settings.batch_tokens, bf16=settings.bf16, device=device, counter=counter)
     cells, per_pos = [], {}
     table = model.pos.max_positions(model.pos_cfg)  # None: any length
     for protocol in settings.protocols:
+        k = K if protocol == Protocol.fixed_target else None
         for L in lengths:
             if table is not None and L > table:
-                cells.append(Cell(protocol.value, L, "n/a", f"n/a (table size {table})"))
-                if on_cell:
-                    on_cell()
-                continue
-            common = dict(batch_tokens=settings.batch_tokens, bf16=settings.bf16, device=device, counter=counter)
-            try:
-                with model.scaled_positions(scaling, L / train_len, train_len):
-                    if protocol == Protocol.fixed_target:
-                        score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=settings.target_tokens,
-                                                      **common)
-                    else:
-                        score = evaluate_stream(
-                            model, stream, protocol, L, n_targets=n_targets, stride=settings.stride, **common
-                        )
-            except ShortInput as e:
-                if settings.on_short == OnShort.error:
-                    raise
-                cells.append(Cell(protocol.value, L, "skipped", str(e)))
-            except PositionOutOfRange as e:
-                cells.append(Cell(protocol.value, L, "n/a", str(e)))
+                cell = Cell(protocol.value, L, "n/a", f"n/a (table size {table})", target_tokens=k)
             else:
-                cells.append(Cell(protocol.value, L, "ok", score=score))
-                if protocol == Protocol.nonoverlapping:
-                    per_pos[L] = (score.pos_sum / np.maximum(score.pos_count, 1)).tolist()
+                try:
+                    with model.scaled_positions(scaling, L / train_len, train_len):
+                        if protocol == Protocol.fixed_target:
+                            score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=K, **common)
+                        else:
+                            score = evaluate_stream(
+                                model, stream, protocol, L, n_targets=n_targets, stride=settings.stride, **common
+                            )
+                except ShortInput as e:
+                    if settings.on_short == OnShort.error:
+                        raise
+                    cell = Cell(protocol.value, L, "skipped", str(e), target_tokens=k)
+                except PositionOutOfRange as e:
+                    cell = Cell(protocol.value, L, "n/a", str(e), target_tokens=k)
+                else:
+                    cell = Cell(protocol.value, L, "ok", score=score, target_tokens=k)
+                    if protocol == Protocol.nonoverlapping:
+                        per_pos[L] = (score.pos_sum / np.maximum(score.pos_count, 1)).tolist()
+            cells.append(cell)
             if on_cell:
-                on_cell()
+                on_cell(cell)
     return cells, per_pos

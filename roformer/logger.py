@@ -9,10 +9,17 @@ when the user is logged in (``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in ``
 otherwise (``wandb sync <run_dir>/wandb/offline-run-*`` uploads later); an explicit ``WANDB_MODE`` in the
 environment wins over ``auto``. Any wandb failure, at start or mid-run, warns once and switches wandb off for
 the rest of the run: a dashboard never stops training.
+
+Names (:func:`run_names`, applied by ``train.py``): a sweep's runs share a group named by what is the same for all
+of them (the experiment preset, then the fixed overrides) and each is named by what varies (``pos=rope,seed=1``);
+runs are tagged with their scheme and preset. Training and evaluation runs keep ``pos``, ``seed``, ``model`` and
+``trainer`` at the same config paths, so one workspace groups both by ``pos.name``; an evaluation run logs one
+history row per evaluation length (``eval/length`` is its x-axis), so a line plot overlays the schemes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,11 +27,12 @@ import netrc
 import os
 import secrets
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from roformer.files import one_line
+from roformer.files import atomic_write, one_line
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +56,12 @@ class LoggerConfig:
     kind: LoggerKind = LoggerKind.wandb
     project: str = "roformer"
     entity: str | None = None
-    # runs of one sweep share a group; None: the sweep folder's name under -m, else no group
+    # runs compared together; None: set by train.py from the overrides (see run_names), an eval run: its
+    # checkpoint's training group
     group: str | None = None
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
-    # None: the sweep job's override string (e.g. "pos=rope,seed=0"), else wandb's generated name
+    # None: set by train.py, a sweep job's varying overrides (e.g. "pos=rope,seed=0"), a single run's overrides
     name: str | None = None
     mode: WandbMode = WandbMode.auto
 
@@ -63,11 +72,87 @@ class LoggerConfig:
 # x-axes of the dashboard: train/* and val/* are plotted against the optimizer step (and can be switched to
 # tokens seen in the UI)
 STEP_METRIC, TOKENS_METRIC = "trainer/step", "trainer/tokens"
+METRICS_FILE = "metrics.jsonl"  # in the run folder: one JSON row per logged dict, rank 0
+
+
+def cut_metrics(run_dir: Path, step: int) -> int:
+    """Drop the rows of ``<run_dir>/metrics.jsonl`` logged after ``step`` (a run resumed at ``step`` logs the steps
+    it redoes again) and a last line cut short by a kill; the kept rows are written atomically. Returns how many
+    rows were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    lines, kept = text.splitlines(), []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the half-written row of a killed process
+            continue
+        if row.get(STEP_METRIC, 0) <= step:
+            kept.append(line + "\n")
+    if len(kept) < len(lines) or (kept and not text.endswith("\n")):
+        atomic_write(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def new_run_id() -> str:
     """A wandb-compatible run id, chosen by us so a checkpoint can carry it before wandb starts."""
     return secrets.token_hex(4)
+
+
+# wandb's server refuses group and run names over 128 characters; its client refuses tags over 64
+MAX_NAME, MAX_TAG = 128, 64
+NO_FIXED_OVERRIDES = "defaults"  # the group of a sweep that fixes nothing and has no preset
+
+
+@dataclass(frozen=True)
+class RunNames:
+    group: str
+    name: str | None
+    tags: list[str]
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text``, or its head and a hash of all of it when it is longer than ``limit`` (still unique)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 9]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _override_key(override: str) -> str:
+    """``+trainer.x@pkg=1`` -> ``trainer.x``: the key Hydra's override_dirname.exclude_keys are matched against."""
+    return override.partition("=")[0].lstrip("+~").partition("@")[0]
+
+
+def run_names(overrides: list[str], swept: set[str] | None, *, experiment: str | None, scheme: str,
+              exclude: Iterable[str] = (), tags: Iterable[str] = ()) -> RunNames:
+    """A run's wandb group, name and tags from its command-line overrides.
+
+    ``overrides``: this job's ``key=value`` overrides (Hydra's ``hydra.overrides.task``); ``swept``: the keys that
+    take several values over the sweep, or None for a single run; ``exclude``: keys kept out of names (Hydra's
+    ``override_dirname.exclude_keys``: paths and such; ``logger.*`` always); ``experiment``: the preset,
+    ``scheme``: pos.name.
+
+    * a sweep: group = the preset's name, then the fixed overrides (``pos_sweep``, ``debug=fast``,
+      ``extrapolation,trainer.max_steps=900``; ``defaults`` when there are neither); name = the swept ones
+      (``pos=rope,seed=1``), sorted as in Hydra's job folder names;
+    * a single run: group = the preset's name, else the scheme (its seeds side by side); name = its overrides,
+      None without any (wandb then makes one up);
+    * tags: ``tags``, then the scheme and the preset.
+    """
+    exclude = set(exclude)
+    kept = sorted(o for o in overrides  # the dashboard's own settings never name a run
+                  if _override_key(o) not in exclude and _override_key(o).partition(".")[0] != "logger")
+    if swept is None:
+        group, name = experiment or scheme, ",".join(kept) or None
+    else:
+        fixed = [o for o in kept if _override_key(o) not in swept and _override_key(o) != "experiment"]
+        head = [experiment] if experiment and "experiment" not in swept else []
+        group = ",".join(head + fixed) or NO_FIXED_OVERRIDES
+        name = ",".join(sorted(o for o in overrides if _override_key(o) in swept)) or None
+    all_tags = [_fit(t, MAX_TAG) for t in [*tags, scheme, *([experiment] if experiment else [])]]
+    return RunNames(_fit(group, MAX_NAME), name and _fit(name, MAX_NAME), list(dict.fromkeys(all_tags)))
 
 
 def wandb_logged_in() -> bool:
@@ -129,7 +214,7 @@ class RunLogger(NullLogger):
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, run_id: str | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_id = run_id or new_run_id()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         self._run = None
         self._warned = False
         if cfg.kind == LoggerKind.wandb:
@@ -205,10 +290,49 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config: dict, *, run_id: str |
 # the result table's columns on the dashboard: the CSV's, less what is the same for every row of one checkpoint or
 # only for accounting
 EVAL_TABLE_SKIP = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
+# an evaluation run's x-axis, and the metrics of each (protocol, RoPE scaling) logged against it
+EVAL_STEP = "eval/length"
+EVAL_METRICS = ("ppl", "ratio", "bits_per_byte", "word_ppl")
+
+
+def eval_key(protocol: str, rope_scaling: str, metric: str) -> str:
+    """``eval/nonoverlapping/ppl``; a RoPE scaling method adds its name: ``eval/nonoverlapping/ntk/ppl``.
+
+    Scaling methods are keys of the checkpoint's run, not runs of their own, so that a chart grouped by
+    ``pos.name`` pools exactly one run per seed of each scheme."""
+    return f"eval/{protocol}/{metric}" if rope_scaling == "none" else f"eval/{protocol}/{rope_scaling}/{metric}"
+
+
+def eval_history(rows: list[dict]) -> list[dict]:
+    """One checkpoint's result rows -> one wandb history row per length, shortest first: ``eval/length``,
+    ``eval/length_multiple`` (length / training length) and every scored metric under :func:`eval_key`.
+    Cells that were not scored (``n/a``, ``skipped``) leave their keys out; a length with none is left out."""
+    by_length: dict[int, dict] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        row = by_length.setdefault(r["length"], {EVAL_STEP: r["length"],
+                                                  "eval/length_multiple": r["length"] / r["train_len"]})
+        for m in EVAL_METRICS:
+            v = r.get(m)
+            if v is not None and math.isfinite(v):
+                row[eval_key(r["protocol"], r["rope_scaling"], m)] = float(v)
+    return [by_length[L] for L in sorted(by_length)]
+
+
+def eval_run_config(ck: dict, settings: dict) -> dict:
+    """An evaluation run's config: its checkpoint's training config at the training runs' paths (``pos``,
+    ``seed``, ``model``, ``trainer``, ``data``, ``optim``), what was scored under ``eval`` and the checkpoint
+    under ``checkpoint``."""
+    train = {k: v for k, v in ck["config"]["train"].items() if k != "logger"}  # the training run's dashboard
+    return {**train, "model": ck["config"]["model"], "pos": ck["config"]["pos"],
+            "eval": {**settings, "data": ck["data"], "split_tokens": ck["split_tokens"],
+                     "split_docs": ck["split_docs"]},
+            "checkpoint": {k: ck.get(k) for k in ("path", "label", "variant", "attention", "step", "tokens_seen")}}
 
 
 def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: list[str]) -> None:
-    """One ``eval`` run per checkpoint, in its training run's group: a table, a line chart, eval/ppl@L.
+    """One ``eval`` run per checkpoint, in its training run's group: a row per length, a table, eval/ppl@L.
 
     ``columns`` are the result files' (CSV) columns. A dashboard failure warns and never loses the result files.
     """
@@ -219,9 +343,17 @@ def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: lis
 
         for ck in results["checkpoints"]:
             rows = [r for r in results["results"] if r["label"] == ck["label"]]
+            trained = ck["config"]["train"].get("logger") or {}
+            tags = list(dict.fromkeys([*cfg.tags, *(trained.get("tags") or []), ck["scheme"]]))
             run = wandb_init(cfg, wandb_mode(cfg.mode), out_dir, group=cfg.group or ck.get("group"), job_type="eval",
-                             name=f"{ck['label']}-eval", reinit="finish_previous",
-                             config={"checkpoint": ck["path"], "settings": results["settings"], "train": ck["config"]})
+                             name=cfg.name or f"{trained.get('name') or ck['label']} eval", tags=tags,
+                             reinit="finish_previous", config=eval_run_config(ck, results["settings"]))
+            run.define_metric(EVAL_STEP)
+            for protocol in dict.fromkeys(r["protocol"] for r in rows):
+                run.define_metric(f"eval/{protocol}/*", step_metric=EVAL_STEP)
+            run.define_metric("eval/length_multiple", step_metric=EVAL_STEP)
+            for row in eval_history(rows):
+                run.log(row)
             cols = [c for c in columns if c not in EVAL_TABLE_SKIP]
             table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
             ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]

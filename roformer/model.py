@@ -9,7 +9,9 @@ with an elu+1 feature map, RoPE on the mapped queries/keys in the numerator and 
 normaliser.
 
 The forward takes an ``offset`` (or explicit ``positions``) and an optional :class:`KVCache`, so a window in the
-middle of a document, or token-by-token decoding, gives the same logits as one full forward.
+middle of a document, or token-by-token decoding, gives the same logits as one full forward. When the scheme's
+tables depend on the total length (``pos.same_rotation``: dynamic NTK past its original length), the cache is
+recomputed from its token ids at each step, since every cached key and value is stale.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from roformer.kernels import attention, cross_entropy
-from roformer.positional import PosConfig, PosContext, PositionalScheme, RopeScaling, build_positional
+from roformer.positional import SCHEMES, PosConfig, PosContext, PositionalScheme, RopeScaling, build_positional
 
 
 class AttentionKind(str, Enum):
@@ -84,16 +86,55 @@ class ModelConfig:
         return self.d_model // self.n_head
 
 
-class KVCache:
-    """Per-layer keys/values (softmax) or running state (linear) of the tokens seen so far, with positions."""
+def check_positional(cfg: ModelConfig, pos_cfg: PosConfig) -> None:
+    """The rules between a model and its positional scheme, asked of the scheme: its own (RoPE: an even rotary
+    dimension per head) and linear attention's (it never forms the score matrix a bias scheme adds to). Run when a
+    run's config is made, before any data work, and again when a model is built."""
+    scheme = SCHEMES[pos_cfg.name]
+    scheme.check(pos_cfg, d_model=cfg.d_model, n_head=cfg.n_head)
+    if cfg.attention == AttentionKind.linear and not scheme.supports_linear:
+        raise ValueError(
+            f"model.attention=linear cannot use pos={pos_cfg.name} (it adds to an attention matrix that linear "
+            "attention never forms); use rope, nope, sinusoidal or learned"
+        )
 
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+
+class KVCache:
+    """Per-layer keys/values (softmax) or running state (linear) of the tokens seen so far, with positions.
+
+    Softmax keys/values live in preallocated buffers that grow by doubling (``capacity`` tokens up front when
+    the final length is known), so a decoding step writes one slice instead of concatenating the whole cache.
+    The token ids are kept too: when a scheme's rotation depends on the total length (dynamic NTK), every cached
+    key and value is stale once the length changes, and the model recomputes them from the ids.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}  # softmax: (k, v) buffers (B, H, cap, D); linear: state
         self.positions: torch.Tensor | None = None  # (S,) positions of cached keys
+        self.ids: torch.Tensor | None = None  # (B, S) their token ids
         self.n_pos = 0  # 1 + largest cached position
+        self.start: int | None = 0  # first position when the positions are start, start+1, ...; else None
 
     def __len__(self) -> int:
         return 0 if self.positions is None else self.positions.numel()
+
+    def clear(self) -> None:
+        self.layers, self.positions, self.ids, self.n_pos, self.start = {}, None, None, 0, 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys/values (B, H, T, D) after the cached ones; return all of them (views)."""
+        n, T = len(self), k.shape[2]
+        buf = self.layers.get(layer)
+        if buf is None or buf[0].shape[2] < n + T:
+            cap = max(n + T, self.capacity, 2 * buf[0].shape[2] if buf is not None else 0)
+            new = tuple(t.new_empty(t.shape[0], t.shape[1], cap, t.shape[3]) for t in (k, v))
+            if buf is not None:
+                for b, old in zip(new, buf, strict=True):
+                    b[:, :, :n] = old[:, :, :n]
+            buf = self.layers[layer] = new
+        buf[0][:, :, n : n + T], buf[1][:, :, n : n + T] = k, v
+        return buf[0][:, :, : n + T], buf[1][:, :, : n + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,10 +153,7 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = pos.rotate(q, k, v, ctx)
             if cache is not None:
-                if self.layer in cache.layers:
-                    k0, v0 = cache.layers[self.layer]
-                    k, v = torch.cat((k0, k), dim=2), torch.cat((v0, v), dim=2)  # (B, H, S, D)
-                cache.layers[self.layer] = (k, v)
+                k, v = cache.append(self.layer, k, v)  # (B, H, S, D)
             y = self._softmax(q, k, v, pos, ctx)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -215,13 +253,9 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, pos_cfg: PosConfig):
         super().__init__()
+        check_positional(cfg, pos_cfg)
         self.cfg, self.pos_cfg = cfg, pos_cfg
         self.pos = build_positional(pos_cfg, d_model=cfg.d_model, n_head=cfg.n_head, n_layer=cfg.n_layer)
-        if cfg.attention == AttentionKind.linear and not self.pos.supports_linear:
-            raise ValueError(
-                f"model.attention=linear cannot use pos={pos_cfg.name} (it adds to an attention matrix that linear "
-                "attention never forms); use rope, nope, sinusoidal or learned"
-            )
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -298,6 +332,10 @@ class TransformerLM(nn.Module):
         k_pos = torch.cat((cache.positions, q_pos)) if cached else q_pos
         if cached:
             n_pos = max(n_pos, cache.n_pos)
+            # still consecutive positions: no explicit positions, and this block starts where the cache ends
+            follows = positions is None and start == cache.n_pos and cache.start is not None
+            if not self.pos.same_rotation(cache.n_pos, n_pos):
+                return self._recompute(idx, targets, k_pos, cache, reduction, cache.start if follows else None)
         ctx = self.pos.context(
             q_pos,
             k_pos,
@@ -319,10 +357,33 @@ class TransformerLM(nn.Module):
             x = block(x, self.pos, ctx, cache)
         logits = self.lm_head(self.ln_f(x))
         if cache is not None:
+            if not cached:
+                cache.start = start if positions is None else None
+            elif not follows:
+                cache.start = None
+            cache.ids = torch.cat((cache.ids, idx), dim=1) if cached else idx
             cache.positions, cache.n_pos = k_pos, n_pos
+        return logits, self._loss(logits, targets, reduction)
+
+    @staticmethod
+    def _loss(logits, targets, reduction):
         loss = None
         if targets is not None:
-            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction)
+            loss = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction)
             if reduction == "none":
-                loss = loss.view(B, T)
-        return logits, loss
+                loss = loss.view(targets.shape)
+        return loss
+
+    def _recompute(self, idx, targets, k_pos, cache: KVCache, reduction, start: int | None):
+        """The scheme's rotation depends on the total length (dynamic NTK) and the length moved to other tables:
+        every cached key and value is stale, and past the first layer so are the hidden states they came from, so
+        re-rotating cached keys would not be enough. Run the whole sequence again into the emptied cache, which
+        is exactly one full forward of it, and return the logits of the new tokens (O(length) per call)."""
+        ids, T = torch.cat((cache.ids, idx), dim=1), idx.shape[1]
+        cache.clear()
+        if start is not None:
+            logits, _ = self.forward(ids, offset=start, cache=cache)
+        else:
+            logits, _ = self.forward(ids, positions=k_pos, cache=cache)
+        logits = logits[:, -T:]
+        return logits, self._loss(logits, targets, reduction)

@@ -8,9 +8,12 @@ model has no per-scheme branches:
 * ``bias(q, ctx, layer, q_idx)`` bias schemes add to the attention scores (``alibi``, ``relative``, ``t5``).
 
 Code elsewhere asks a scheme about itself instead of branching on its name: ``max_positions(cfg)`` (a
-classmethod, also ``PosConfig.max_positions``: the learned table's size, else None), ``supports_linear``,
-``supports_scaling`` (also on ``PosConfig``) and ``with_scaling(kind, factor, original_len)``, which returns a
-RoPE with a zero-shot context extension and leaves the original alone.
+classmethod, also ``PosConfig.max_positions``: the learned table's size, else None), ``check(cfg, d_model=,
+n_head=)`` (a classmethod that refuses a model shape the scheme cannot serve, e.g. RoPE's odd rotary dimension, so
+a run's config is checked when it is made, before any data work), ``supports_linear``,
+``supports_scaling`` (also on ``PosConfig``), ``with_scaling(kind, factor, original_len)``, which returns a
+RoPE with a zero-shot context extension and leaves the original alone, and ``same_rotation(n_cached, n_pos)``
+(whether a KV cache built at one length is still valid at another: False only for dynamic NTK's changing tables).
 
 ``ctx`` is a :class:`PosContext` built once per forward by :meth:`PositionalScheme.context`: it holds the query
 and key positions and whatever the scheme precomputes from them (RoPE's cos/sin), so layers do not repeat it.
@@ -159,6 +162,11 @@ class PositionalScheme(nn.Module):
         A classmethod, so configs can be checked without building the module."""
         return None
 
+    @classmethod
+    def check(cls, cfg: PosConfig, *, d_model: int, n_head: int) -> None:
+        """Refuse, in one line naming the keys, a model shape this scheme cannot serve with ``cfg``. A classmethod:
+        a run's config is checked when it is made (before any data work), and the constructor checks again."""
+
     def with_scaling(self, kind: RopeScaling, factor: float, original_len: int) -> PositionalScheme:
         """A scheme equal to this one but with the zero-shot context extension ``kind`` (factor s, extending
         from ``original_len`` training positions); ``self`` is not changed. Only RoPE has one: the others return
@@ -170,6 +178,12 @@ class PositionalScheme(nn.Module):
             f"pos={self.name} has no zero-shot scaling (asked for {kind.value}): RoPE scaling applies to pos=rope "
             "only; use scaling none with this scheme"
         )
+
+    def same_rotation(self, n_cached: int, n_pos: int) -> bool:
+        """Whether what a KV cache holds for a sequence of ``n_cached`` positions is still what one full forward
+        of ``n_pos`` positions computes. True unless the scheme's tables depend on the total length (dynamic NTK):
+        then the model recomputes the cache, so cached decoding keeps equal to the full forward."""
+        return True
 
     def context(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_pos: int, dtype: torch.dtype) -> PosContext:
         return PosContext(q_pos=q_pos, k_pos=k_pos, n_pos=n_pos)
@@ -236,17 +250,28 @@ class RoPE(PositionalScheme):
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)
-        rot = cfg.rotary_fraction * self.head_dim
-        if rot != int(rot) or int(rot) % 2 or int(rot) == 0:
-            raise ValueError(
-                f"RoPE rotates pos.rotary_fraction * head_dim = {cfg.rotary_fraction} * {self.head_dim} = {rot} "
-                "dimensions, which must be a positive even integer; change pos.rotary_fraction or model.n_head"
-            )
-        self.rot_dim = int(rot)
+        self.rot_dim = self.rotary_dim(cfg, d_model=d_model, n_head=n_head)
         self.register_buffer("cos_cached", torch.empty(0, self.rot_dim // 2), persistent=False)
         self.register_buffer("sin_cached", torch.empty(0, self.rot_dim // 2), persistent=False)
         self._cache_key: tuple = ()
         self.mscale = 1.0
+
+    @classmethod
+    def check(cls, cfg: PosConfig, *, d_model: int, n_head: int) -> None:
+        cls.rotary_dim(cfg, d_model=d_model, n_head=n_head)
+
+    @staticmethod
+    def rotary_dim(cfg: PosConfig, *, d_model: int, n_head: int) -> int:
+        """The rotated dimensions of each head, pos.rotary_fraction * head_dim: a positive even integer (pairs)."""
+        head_dim = d_model // n_head
+        rot = cfg.rotary_fraction * head_dim
+        if rot != int(rot) or int(rot) % 2 or int(rot) == 0:
+            raise ValueError(
+                f"RoPE rotates pos.rotary_fraction * head_dim = {cfg.rotary_fraction} * {head_dim} = {rot} dimensions, "
+                f"which must be a positive even integer (head_dim = model.d_model / model.n_head = {d_model} / "
+                f"{n_head}); change pos.rotary_fraction, model.n_head or model.d_model"
+            )
+        return int(rot)
 
     def with_scaling(self, kind: RopeScaling, factor: float, original_len: int) -> RoPE:
         """A new RoPE whose config has the extension (the factor clamped to at least 1), on the same device.
@@ -256,6 +281,12 @@ class RoPE(PositionalScheme):
         )
         scaled = type(self)(cfg, d_model=self.d_model, n_head=self.n_head, n_layer=self.n_layer)
         return scaled.to(self.cos_cached.device).train(self.training)
+
+    def same_rotation(self, n_cached: int, n_pos: int) -> bool:
+        if self.cfg.scaling != RopeScaling.dynamic_ntk:
+            return True
+        # dynamic NTK's factor is max(1, length / original_len): equal factors give equal tables
+        return max(n_cached, self.cfg.original_len) == max(n_pos, self.cfg.original_len)
 
     def _angles(self, n: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, self.mscale = scaled_inv_freq(self.cfg, self.rot_dim, seq_len)

@@ -9,7 +9,8 @@
                       "split_docs"}],
      "results": [{"label", "variant", "scheme", "rope_scaling", "seed", "train_len", "protocol", "length",
                   "status": "ok" | "n/a" | "skipped", "note", "ppl", "nll_sum", "tokens", "bytes", "words",
-                  "bits_per_byte", "word_ppl", "ratio"}],          # ratio: ppl / ppl at the training length
+                  "bits_per_byte", "word_ppl", "ratio",            # ratio: ppl / ppl at the training length
+                  "target_tokens"}],                               # fixed_target rows: K, last tokens per doc
      "per_position": [{"label", "variant", "rope_scaling", "length", "mean_loss": [...]}]}
 
 A *variant* is what a reader compares: the scheme, "+linear" for linear attention, "+<method>" for a RoPE
@@ -126,6 +127,11 @@ def markdown(results: dict) -> str:
         out += ["", f"## {protocol}", ""]
         if tokens:
             out.append(f"Tokens scored per cell: {', '.join(f'{t:,}' for t in tokens)}.")
+            ks = sorted({(r["target_tokens"], r["tokens"] // r["target_tokens"]) for r in rows
+                         if r["protocol"] == protocol and r["status"] == "ok" and r.get("target_tokens")})
+            if ks:  # fixed_target: K, lowered from eval.target_tokens to the smallest length when that is shorter
+                out[-1] += " Targets: " + "; ".join(f"the last {k} tokens of each of {n} documents" for k, n in ks)
+                out[-1] += ", the same at every length."
             out.append("")
         out.append("| variant | seeds | " + " | ".join(f"L={L}" for L in lengths) + " |")
         out.append("|---|---|" + "---|" * len(lengths))
@@ -177,67 +183,209 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib  # heavy (about half a second): imported only when plots are drawn
+# Plots. Each *_figure function builds a matplotlib Figure (tests read its lines and tick labels); plot_* saves it.
+# Tick labels are plain numbers (64, 128, 256; 300, 500, 1000; 1.0, 1.5, 2.0): matplotlib's log axes would write
+# 2^7 and 3x10^2, which a reader has to decode.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+METHOD_COLORS = {"none": "black", "pi": "tab:blue", "ntk": "tab:orange", "dynamic_ntk": "tab:green", "yarn": "tab:red"}
+METHOD_MARKERS = {"none": "o", "pi": "s", "ntk": "^", "dynamic_ntk": "v", "yarn": "D"}  # coinciding curves stay apart
+BASE_STYLES = ("-", "--", "-.", ":")  # RoPE scaling panels: one line style per unscaled variant (rope, rope+linear)
 
-    return plt
+
+def _new_figure(n_rows: int, n_cols: int, title: str):
+    """A Figure with a grid of axes (rows x columns), drawn without pyplot's global state."""
+    from matplotlib.figure import Figure  # heavy (about half a second): imported only when plots are drawn
+
+    fig = Figure(figsize=(4.4 * n_cols + 2.6, 3.4 * n_rows + 0.5), layout="constrained")
+    fig.suptitle(title)
+    return fig, fig.subplots(n_rows, n_cols, squeeze=False)
 
 
-def plot_ppl_vs_length(results: dict, path: Path) -> None:
-    plt = _pyplot()
-    rows = results["results"]
-    agg = aggregate(rows)
+def _decimals(values) -> int:
+    """The fewest decimals that write every value exactly (up to 4)."""
+    return next((d for d in range(5) if all(abs(round(v, d) - v) < 1e-9 * max(1.0, abs(v)) for v in values)), 4)
+
+
+def _set_ticks(axis, ticks) -> None:
+    """Major ticks at ``ticks``, labelled as plain numbers with a shared number of decimals; no minor ticks."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    d = _decimals(ticks)
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.{d}f}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def _length_ticks(lo: float, hi: float, lengths=(), most: int = 8) -> list[float]:
+    """Powers of two in [lo, hi] (every other one, or sparser, past ``most``); the given lengths if fewer than 3."""
+    ticks = [2.0**k for k in range(math.ceil(math.log2(lo) - 1e-9), math.floor(math.log2(hi) + 1e-9) + 1)]
+    if len(ticks) < 3:
+        ticks = sorted({float(x) for x in lengths if lo <= x <= hi}) or ticks
+    step = math.ceil(len(ticks) / most)
+    return ticks[::-1][::step][::-1]  # thinned from the top, so the longest power of two keeps its label
+
+
+def _log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Round numbers for a log axis spanning [lo, hi]: evenly stepped inside a factor of 3, else 1-2-5 style."""
+    if hi / lo < 3:
+        from matplotlib.ticker import MaxNLocator
+
+        return [float(t) for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8), (1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
+        ticks = [float(f"{m * 10.0**e:.6g}") for e in decades for m in mantissas]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) <= most:
+            return ticks
+    return ticks[:: math.ceil(len(ticks) / most)]
+
+
+def _plain_log_axes(ax, lengths) -> None:
+    """Freeze the limits of a log-log panel and give both axes plain-number ticks."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    _set_ticks(ax.xaxis, _length_ticks(x0, x1, lengths))
+    _set_ticks(ax.yaxis, _log_ticks(y0, y1))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+
+
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    """Copies of the rows with ``ratio`` (ppl / ppl at the training length) computed by add_ratios."""
+    rows = [dict(r) for r in rows]
+    add_ratios(rows)
+    return rows
+
+
+def _series(rows: list[dict], field: str) -> dict:
+    """(variant, protocol) -> {"lengths", "mean", "std", "seeds", "na"}: ``field`` over seeds at each length."""
+    values = defaultdict(lambda: defaultdict(list))
+    na = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and r.get(field) is not None:
+            values[(r["variant"], r["protocol"])][r["length"]].append(r[field])
+        elif r["status"] == "n/a":
+            na[(r["variant"], r["protocol"])].append(r["length"])
+    out = {}
+    for key in values.keys() | na.keys():
+        by_len = values.get(key, {})
+        lengths = sorted(by_len)
+        out[key] = {
+            "lengths": np.array(lengths, dtype=float),
+            "mean": np.array([np.mean(by_len[L]) for L in lengths]),
+            "std": np.array([np.std(by_len[L], ddof=1) if len(by_len[L]) > 1 else 0.0 for L in lengths]),
+            "seeds": max((len(v) for v in by_len.values()), default=0),
+            "na": sorted(na.get(key, [])),
+        }
+    return out
+
+
+def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Rows of panels: [(title, [(variant, legend label, line style key)])]: the schemes; then, if any variant
+    has a RoPE scaling method, those variants beside their unscaled base (rope, rope+linear) in a second row."""
+    method = {r["variant"]: r["rope_scaling"] for r in rows}
+    base_of = {v: v[: -len(m) - 1] if m != "none" and v.endswith("+" + m) else v for v, m in method.items()}
+    schemes = [v for v, m in method.items() if m == "none"]
+    panels = [("schemes", [(v, v, v) for v in schemes])]
+    scaled = [v for v, m in method.items() if m != "none"]
+    if scaled:
+        bases = list(dict.fromkeys(base_of[v] for v in scaled))
+        curves = []
+        for b in bases:
+            if b in method:
+                curves.append((b, f"{b} (no scaling)", b))
+            curves += [(v, v, b) for v in scaled if base_of[v] == b]
+        panels.append(("RoPE scaling, zero-shot", curves))
+    return panels
+
+
+def _length_figure(results: dict, rows: list[dict], field: str, ylabel: str, title: str):
+    """``field`` (ppl or ratio) against evaluation length: a column per protocol, a row of panels per _panels."""
+    import matplotlib  # heavy: imported only when plots are drawn
+
+    series = _series(rows, field)
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    panels = _panels(rows)
+    method = {r["variant"]: r["rope_scaling"] for r in rows}
+    lengths = sorted({r["length"] for r in rows})
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
-    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.2), squeeze=False)
-    cmap = plt.get_cmap("tab20" if len(variants) > 10 else "tab10")
-    for ax, protocol in zip(axes[0], protocols, strict=True):
-        for i, v in enumerate(variants):
-            pts = sorted((L, a) for (vv, p, L), a in agg.items() if vv == v and p == protocol)
-            ok = [(L, a) for L, a in pts if a["status"] == "ok"]
-            label = v
-            na = [L for L, a in pts if a["status"] == "n/a"]
-            if na:
-                label += f" (n/a beyond {max(L for L, _ in ok)})" if ok else " (n/a)"
-            if not ok:
+    fig, axes = _new_figure(len(panels), len(protocols), title)
+    for (panel, curves), row_axes in zip(panels, axes, strict=True):
+        if panel == "schemes":
+            cmap = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
+            colors = {v: cmap(i % cmap.N) for i, (v, _, _) in enumerate(curves)}
+            styles = {v: "-" for v, _, _ in curves}
+        else:
+            extra = iter(matplotlib.colormaps["tab10"].colors[4:])  # for a method without a colour of its own
+            colors = {v: METHOD_COLORS.get(method[v]) or next(extra) for v, _, _ in curves}
+            bases = list(dict.fromkeys(b for _, _, b in curves))
+            styles = {v: BASE_STYLES[bases.index(b) % len(BASE_STYLES)] for v, _, b in curves}
+        for ax, protocol in zip(row_axes, protocols, strict=True):
+            drawn = 0
+            for v, label, _ in curves:
+                s = series.get((v, protocol))
+                if s is None or not len(s["lengths"]):
+                    continue
+                xs, m, sd = s["lengths"], s["mean"], s["std"]
+                if s["na"]:
+                    label += f" (n/a beyond {int(xs.max())})"
+                marker = "o" if panel == "schemes" else METHOD_MARKERS.get(method[v], "o")
+                ax.plot(xs, m, styles[v], marker=marker, ms=3.5, lw=1.4, color=colors[v], label=label)
+                if s["seeds"] > 1:  # the band never reaches zero, which a log axis cannot show
+                    ax.fill_between(xs, np.maximum(m - sd, m / 2), m + sd, color=colors[v], alpha=0.15, lw=0)
+                drawn += 1
+            ax.set_title(f"{protocol}: {panel}", fontsize=10)
+            if not drawn:
+                ax.text(0.5, 0.5, "no scored cells", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
                 continue
-            xs = np.array([L for L, _ in ok])
-            ys = np.array([a["mean"] for _, a in ok])
-            sd = np.array([a["std"] for _, a in ok])
-            style = "--" if "+" in v and v.split("+", 1)[1] in ("pi", "ntk", "dynamic_ntk", "yarn") else "-"
-            ax.plot(xs, ys, style, marker="o", ms=3, color=cmap(i % cmap.N), label=label)
-            if any(a["n"] > 1 for _, a in ok):
-                ax.fill_between(xs, ys - sd, ys + sd, color=cmap(i % cmap.N), alpha=0.2)
-        for tl in train_lens:
-            ax.axvline(tl, color="grey", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{protocol} (dotted: training length)")
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    _save_fig(fig, path)
-    plt.close(fig)
+            for tl in train_lens:
+                ax.axvline(tl, color="grey", ls=":", lw=1)
+            if field == "ratio":
+                ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            _plain_log_axes(ax, lengths)
+            ax.set_xlabel("evaluation length (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        handles, labels = next(((h, lb) for h, lb in (ax.get_legend_handles_labels() for ax in row_axes) if h),
+                               ([], []))  # fmt: skip
+        if handles:
+            row_axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                                frameon=False)  # fmt: skip
+    return fig
 
 
-def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
-    plt = _pyplot()
-    per = results["per_position"]
+def ppl_vs_length_figure(results: dict):
+    """Perplexity against evaluation length, mean with a std band over seeds (log-log, plain tick labels)."""
+    title = "Perplexity by evaluation length (mean ± std over seeds; dotted: training length)"
+    return _length_figure(results, results["results"], "ppl", "perplexity", title)
+
+
+def ppl_ratio_figure(results: dict):
+    """Perplexity / perplexity at the training length, per variant: mean with a std band over seeds."""
+    title = "Perplexity relative to the training length (mean ± std over seeds; dotted: training length)"
+    return _length_figure(results, _with_ratios(results["results"]), "ratio", "ppl / ppl at the training length", title)
+
+
+def has_ratios(results: dict) -> bool:
+    """Whether any cell has a perplexity at its training length to divide by (else there is no ratio plot)."""
+    return any(r["ratio"] is not None for r in _with_ratios(results["results"]))
+
+
+def per_position_figure(results: dict, bins: int = 24):
+    """Mean loss at each window position (log-spaced buckets), for the variants without RoPE scaling."""
+    import matplotlib  # heavy: imported only when plots are drawn
+
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
     curves = defaultdict(list)  # variant -> its per-position records (seeds), without the RoPE scaling variants
-    for p in per:
+    for p in results["per_position"]:
         if p["rope_scaling"] == "none":
             curves[p["variant"]].append(p)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    fig, axes = _new_figure(1, 1, "Per-position loss, nonoverlapping windows (dotted: training length)")
+    ax = axes[0][0]
+    fig.set_size_inches(9, 4.5)
+    cmap = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
     for i, (v, ps) in enumerate(curves.items()):
         L = max(p["length"] for p in ps)
         arrs = np.array([p["mean_loss"] for p in ps if p["length"] == L])  # seeds
@@ -252,14 +400,27 @@ def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
     for tl in train_lens:
         ax.axvline(tl, color="grey", ls=":", lw=1)
     ax.set_xscale("log", base=2)
+    x0, x1 = ax.get_xlim()
+    _set_ticks(ax.xaxis, _length_ticks(x0, x1))
+    ax.set_xlim(x0, x1)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.set_xlabel("position in the window (token index, log scale)")
     ax.set_ylabel("mean loss (nats)")
-    ax.set_title("Per-position loss, nonoverlapping windows (dotted: training length)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return fig
+
+
+def plot_ppl_vs_length(results: dict, path: Path) -> None:
+    _save_fig(ppl_vs_length_figure(results), path)
+
+
+def plot_ppl_ratio(results: dict, path: Path) -> None:
+    _save_fig(ppl_ratio_figure(results), path)
+
+
+def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
+    _save_fig(per_position_figure(results, bins), path)
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -267,21 +428,23 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
-    """Every output file, each written atomically; returns their paths."""
+    """Every output file, each written atomically; returns their paths. The ratio plot needs a cell at the
+    training length, the per-position plot per-position records: each is left out without them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        out_dir / n for n in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png")
-    ]
-    atomic_write(paths[0], json.dumps(results, indent=1, default=_json_default) + "\n")
-    write_csv(paths[1], results["results"])
-    atomic_write(paths[2], markdown(results))
-    plot_ppl_vs_length(results, paths[3])
+    writers = {
+        "results.json": lambda p: atomic_write(p, json.dumps(results, indent=1, default=_json_default) + "\n"),
+        "results.csv": lambda p: write_csv(p, results["results"]),
+        "results.md": lambda p: atomic_write(p, markdown(results)),
+        "ppl_vs_length.png": lambda p: plot_ppl_vs_length(results, p),
+    }
+    if has_ratios(results):  # needs a perplexity at the training length to divide by
+        writers["ppl_ratio_vs_length.png"] = lambda p: plot_ppl_ratio(results, p)
     if results["per_position"]:
-        plot_per_position(results, paths[4])
-    else:
-        paths.pop()
-    return paths
+        writers["per_position.png"] = lambda p: plot_per_position(results, p)
+    for name, write in writers.items():
+        write(out_dir / name)
+    return [out_dir / name for name in writers]
 
 
 def _json_default(o):
@@ -290,3 +453,46 @@ def _json_default(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return str(o)
+
+
+def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:
+    """The compact summary evaluate.py prints: perplexity and its ratio to the perplexity at the training length,
+    by variant (rows) and length (columns), for one protocol, mean over seeds. results.md has the rest."""
+    rows = [r for r in results["results"] if r["protocol"] == protocol]
+    if not rows:
+        return f"no {protocol} cells were scored"
+    agg = aggregate(rows)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    seeds = defaultdict(set)
+    for r in rows:
+        seeds[r["variant"]].add(r["seed"])
+    tokens = sorted({r["tokens"] for r in rows if r["status"] == "ok"})
+
+    def text(a: dict | None, field: str) -> str:
+        if a is None:
+            return ""
+        if a["status"] != "ok":
+            return a["status"]  # n/a | skipped
+        x = a[field]
+        if x is None:
+            return "-"
+        return f"{x:.2f}" if x < 1000 else f"{x:,.0f}"
+
+    table = [["variant", "seeds", "", *(f"L={L}" for L in lengths)]]
+    for v in variants:
+        cells = [agg.get((v, protocol, L)) for L in lengths]
+        table.append([v, str(len(seeds[v])), "ppl", *(text(a, "mean") for a in cells)])
+        table.append(["", "", "ratio", *(text(a, "ratio_mean") for a in cells)])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [
+        f"{protocol} perplexity, mean over seeds, and its ratio to the perplexity at the training length; "
+        + (f"{', '.join(f'{t:,}' for t in tokens)} tokens per cell" if tokens else "no cell scored")
+    ]
+    for r in table:  # names left-aligned, numbers right-aligned
+        cols = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(cols).rstrip())
+    notes = {(r["variant"], r["note"]) for r in rows if r["status"] == "n/a" and r["note"]}
+    lines += [f"n/a: {v} {note.removeprefix('n/a ')}" for v, note in sorted(notes)]
+    return "\n".join(lines)
+

@@ -178,6 +178,8 @@ def study_markdown(results: dict, study: dict | None = None) -> str:
         "",
         "![perplexity against evaluation length](ppl_vs_length.png)",
         "",
+        "![perplexity ratio to L against evaluation length](ppl_ratio_vs_length.png)",
+        "",
         "![per-position loss](per_position.png)",
         "",
     ]

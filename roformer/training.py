@@ -19,7 +19,8 @@ after the step's update; validation consumes no randomness. On CPU with ``traine
 resumed at step N is bit for bit the uninterrupted run (tests/test_training.py checks it), and two runs of
 one config are identical, in fp32 at any thread count and in bf16 on one thread. bf16 on several threads
 drifts in the last digits of the loss from the second step (oneDNN's multithreaded bf16 kernels do not reduce
-in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs.
+in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs. What a resume may
+change, and what it does to the run folder, is :mod:`roformer.resume`'s.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from roformer import checkpoint as ckpt_lib
 from roformer.data import DataConfig, PreparedData, WindowSampler, prepare
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import LoggerConfig, NullLogger, make_logger
-from roformer.model import ModelConfig, TransformerLM
+from roformer.model import ModelConfig, TransformerLM, check_positional
 from roformer.positional import PosConfig
+from roformer.resume import Resume, check_override_keys, claim_run_dir, read_resume
 from roformer.runtime import (
     Device,
     Precision,
@@ -54,9 +56,9 @@ from roformer.runtime import (
     resolve_compile,
     rng_state,
     seed_everything,
-    set_rng_state,
     setup_runtime,
 )
+from roformer.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,8 @@ class TrainerConfig:
     # "" starts fresh; "auto" continues <run_dir>/checkpoints/last.pt if it exists; else a checkpoint file
     # or a run folder to continue from
     resume: str = ""
+    # run-defining keys (seed, model.*, pos.*, data.*, seq_len, batch) a resume may change on purpose; see resume.py
+    resume_override: list[str] = field(default_factory=list)
     # tqdm progress bar (rank 0)
     progress: bool = True
     # CPU threads for torch (0: torch's default, every core). On a machine shared with other jobs 1 can be
@@ -167,6 +171,7 @@ class TrainerConfig:
                 f"trainer.resume={self.resume}: no such checkpoint file or run folder; "
                 "give an existing path, 'auto' (continue this run folder if possible) or '' (start fresh)"
             )
+        check_override_keys(self.resume_override)
 
 
 @dataclass
@@ -180,6 +185,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_positional(self.model, self.pos)  # e.g. RoPE's rotary dimension: before any data work
         table = self.pos.max_positions  # None: the scheme has no limit
         if table is not None and self.trainer.seq_len > table:
             raise ValueError(
@@ -313,6 +319,7 @@ class Progress:
     best_val: float = math.inf
     run_id: str | None = None  # the wandb run this run logs to, kept across resumes
     last_good: Path | None = None  # the newest checkpoint, named when training diverges
+    overrides: list[dict] = field(default_factory=list)  # every resume's trainer.resume_override changes
 
 
 def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
@@ -327,19 +334,15 @@ def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
     return Trainee(model, model, opt, sched, scaler, sampler)
 
 
-def restore(tr: Trainee, state: dict, path: Path, max_steps: int) -> Progress:
-    """Load a checkpoint's states into ``tr`` and every RNG; a longer run than the checkpointed one extends the
-    schedule to the new ``max_steps``."""
-    tr.raw.load_state_dict(state["model"])
-    tr.opt.load_state_dict(state["optimizer"])
-    tr.sched.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        tr.scaler.load_state_dict(state["scaler"])
-    tr.sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
+def restore(tr: Trainee, resumed: Resume, max_steps: int) -> Progress:
+    """Load a checkpoint's states into ``tr`` and every RNG (roformer.resume); a longer run than the checkpointed one
+    extends the schedule to the new ``max_steps``."""
+    resumed.load_into(tr)
     tr.sched.lr_lambdas[0].max_steps = max_steps
-    log.info("resumed from %s at step %d", path, state["step"])
-    return Progress(state["step"], state["tokens_seen"], state["best_val_loss"], state.get("wandb_run_id"), path)
+    state = resumed.state
+    log.info("resumed from %s at step %d", resumed.path, state["step"])
+    return Progress(state["step"], state["tokens_seen"], state["best_val_loss"], state.get("wandb_run_id"),
+                    resumed.path, resumed.overrides)
 
 
 def wrap(tr: Trainee, t: TrainerConfig, rt: Runtime) -> None:
@@ -386,19 +389,21 @@ def train_step(tr: Trainee, rt: Runtime, t: TrainerConfig, grad_clip: float, p: 
     return loss_val, grad_norm
 
 
-def save(tr: Trainee, cfg: TrainConfig, data: PreparedData, rt: Runtime, p: Progress, val_loss: float,
+def save(tr: Trainee, cfg: TrainConfig, data: PreparedData, rt: Runtime, p: Progress, val_loss: float | None,
          ckpt_dir: Path, logger: NullLogger) -> None:
-    """Checkpoint the step just validated (rank 0 writes; every rank tracks the best validation loss)."""
+    """Checkpoint the step just done (rank 0 writes; every rank tracks the best validation loss). ``val_loss``
+    None: an interrupt checkpoint, not validated, so it is never best.pt and leaves best_val as it was."""
     # best.pt: the lowest validation loss seen (also written once in a new folder a resumed run writes to)
-    best = val_loss < p.best_val or not (ckpt_dir / ckpt_lib.BEST).exists()
-    p.best_val = min(p.best_val, val_loss)
+    best = val_loss is not None and (val_loss < p.best_val or not (ckpt_dir / ckpt_lib.BEST).exists())
+    p.best_val = min(p.best_val, math.inf if val_loss is None else val_loss)
     if not rt.is_main:
         return
     payload = ckpt_lib.build_payload(
         train_cfg=cfg, tokenizer_json=data.tokenizer_json, model=tr.raw, optimizer=tr.opt, scheduler=tr.sched,
         scaler=tr.scaler if rt.use_scaler else None, sampler=tr.sampler, rng=rng_state(), step=p.step,
         tokens_seen=p.tokens_seen, best_val_loss=p.best_val, wandb_run_id=logger.run_id,
-        metrics={"val/loss": val_loss, "val/ppl": math.exp(val_loss)}, world_size=rt.world_size)
+        metrics={} if val_loss is None else {"val/loss": val_loss, "val/ppl": math.exp(val_loss)},
+        world_size=rt.world_size, resume_overrides=p.overrides)
     p.last_good = ckpt_lib.write_run_checkpoint(ckpt_dir, payload, keep_last=cfg.trainer.keep_last, best=best)
 
 
@@ -415,16 +420,29 @@ def _shared_run_dir(run_dir: str | os.PathLike, rt: Runtime) -> Path:
     return Path(run_dir)
 
 
-def _read_resume(cfg: TrainConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
-    """The checkpoint trainer.resume names, read and checked against this run's shape before any work."""
-    path = ckpt_lib.resume_path(cfg.trainer.resume, run_dir)
-    if path is None:
-        if cfg.trainer.resume == "auto":
-            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-        return None, None
-    state = ckpt_lib.load_checkpoint(path)
-    ckpt_lib.check_same_shape(state, cfg.model, cfg.pos, path)
-    return state, path
+def _start(cfg: TrainConfig, run_dir: Path, data: PreparedData | None,
+           rt: Runtime) -> tuple[TrainConfig, PreparedData, Trainee, Progress]:
+    """Everything before the first step: a resume checked against this run (a refusal writes nothing), the data,
+    the model fresh or restored, then the run folder claimed by rank 0 (roformer.resume.claim_run_dir)."""
+    t = cfg.trainer
+    if rt.is_main:
+        ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
+    resumed = read_resume(cfg, run_dir, rt.world_size)
+    seed_everything(cfg.seed, t.deterministic)
+    if data is None:
+        data = prepare(cfg.data, rank=rt.rank, world_size=rt.world_size, progress=t.progress and rt.is_main)
+    # the model's vocabulary is the tokenizer's (a small corpus may give fewer merges than data.vocab_size)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vocab_size = data.vocab_size
+    if resumed is not None:
+        resumed.check_tokenizer(data.vocab_size, data.tokenizer_json)
+    tr = build(cfg, rt, data.splits["train"].tokens)
+    p = restore(tr, resumed, t.max_steps) if resumed is not None else Progress()
+    if rt.is_main:
+        claim_run_dir(run_dir, None if resumed is None else p.step)
+        if resumed is not None:
+            resumed.announce()
+    return cfg, data, tr, p
 
 
 def _start_logging(cfg: TrainConfig, rt: Runtime, run_dir: Path, tr: Trainee, data: PreparedData,
@@ -454,30 +472,24 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
 
     Returns the best validation loss (the objective a Hydra sweeper minimises). ``data`` skips
     :func:`roformer.data.prepare` (tests pass small corpora). Raises ``ValueError`` for bad input before any
-    training step and :class:`TrainingDiverged` when the loss stops being finite.
+    training step, :class:`TrainingDiverged` when the loss stops being finite, and
+    :class:`~roformer.signals.Interrupted` after a stop signal (SIGINT, SIGTERM, SIGUSR1, submitit's SIGUSR2), once
+    the step is finished and checkpointed. The signal handlers are train()'s only while it runs.
     """
+    with StopSignals() as stop:
+        return _train(cfg, run_dir, data, stop)
+
+
+def _train(cfg: TrainConfig, run_dir: str | os.PathLike, data: PreparedData | None, stop: StopSignals) -> float:
+    """train()'s body; ``stop`` holds the stop signals."""
     t = cfg.trainer
     rt = setup_runtime(t.device, t.precision, t.threads)
     run_dir = _shared_run_dir(run_dir, rt)
     log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
     ckpt_dir = run_dir / "checkpoints"
-    if rt.is_main:
-        ensure_writable(ckpt_dir, "hydra.run.dir")
-    state, start_path = _read_resume(cfg, run_dir)
-
-    seed_everything(cfg.seed, t.deterministic)
-    if data is None:
-        data = prepare(cfg.data, rank=rt.rank, world_size=rt.world_size, progress=t.progress and rt.is_main)
-    # the model's vocabulary is the tokenizer's (a small corpus may give fewer merges than data.vocab_size)
-    cfg = copy.deepcopy(cfg)
-    cfg.model.vocab_size = data.vocab_size
-    if state is not None:
-        ckpt_lib.check_same_tokenizer(state, data.vocab_size, data.tokenizer_json, start_path)
+    cfg, data, tr, p = _start(cfg, run_dir, data, rt)
     val_tokens = data.splits["validation"].tokens
-    tr = build(cfg, rt, data.splits["train"].tokens)
     starts = eval_starts(len(val_tokens), t.seq_len, t.eval_iters * t.batch_size * rt.world_size)
-    p = restore(tr, state, start_path, t.max_steps) if state is not None else Progress()
-    del state
     wrap(tr, t, rt)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * rt.world_size
     logger, uni = _start_logging(cfg, rt, run_dir, tr, data, p)
@@ -492,6 +504,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
     bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (t.progress and rt.is_main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
     tr.model.train()
+    stop.defer(rt.rank)  # from here a first stop signal waits for the end of the step
     val_loss, exit_code = math.nan, 1
     t_last, tokens_last = time.perf_counter(), p.tokens_seen
     try:
@@ -508,10 +521,15 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data: PreparedData | 
                 logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tps}, step=p.step, tokens=p.tokens_seen)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if (t.eval_interval and p.step % t.eval_interval == 0) or p.step == t.max_steps:
+            validated = (t.eval_interval and p.step % t.eval_interval == 0) or p.step == t.max_steps
+            if validated:
                 val_loss = validate()
                 save(tr, cfg, data, rt, p, val_loss, ckpt_dir, logger)
                 t_last, tokens_last = time.perf_counter(), p.tokens_seen  # throughput excludes validation
+            if p.step < t.max_steps and stop.requested(rt):  # a stop signal on any rank: checkpoint, then end
+                if not validated:
+                    save(tr, cfg, data, rt, p, None, ckpt_dir, logger)
+                raise stop.interrupted(rt, p.step, p.last_good)
         if not math.isfinite(val_loss):  # resumed at or past max_steps: nothing trained, still report
             val_loss = validate()
             p.best_val = min(p.best_val, val_loss)

@@ -7,7 +7,8 @@
     python scripts/prepare_data.py data=hub data.hub_path=roneneldan/TinyStories data.test_split=null
 
 Prints the counts per split (documents, source lines, bytes, words, tokens), the cache folder and the time.
-A second run with the same settings finds the cache and does no work.
+A second run with the same settings finds the cache and does no work. Exit codes: 0 done; 2 a usage error (an
+unknown key, a bad value, a missing required setting); 1 a failure while preparing (a missing file, a download).
 """
 
 import logging
@@ -22,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from roformer.data import DataConfig, DataError, format_counts, prepare  # noqa: E402
+from roformer.config import Task, launch  # noqa: E402
+from roformer.data import DataConfig, format_counts, prepare  # noqa: E402
 
 
 @dataclass
@@ -38,13 +40,10 @@ ConfigStore.instance().store(name="prepare_data_schema", node=PrepareDataConfig)
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare_data")
 def main(dcfg: DictConfig) -> None:
     logging.getLogger("roformer").setLevel(logging.INFO)
-    try:
-        cfg: PrepareDataConfig = OmegaConf.to_object(dcfg)
+    with Task(failures=(ValueError, OSError)) as task:  # one line; a bad setting exits 2, a failure 1
+        cfg: PrepareDataConfig = task.config(dcfg, OmegaConf.to_object)
         t0 = time.time()
         data = prepare(cfg.data, progress=cfg.progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     seconds = time.time() - t0
     print(f"\n{cfg.data.name}: vocab {data.vocab_size:,} (eod id {data.eod_id}, tokenizer {data.tokenizer_hash[:12]}),"
           f" {data.splits['train'].tokens.dtype} ids")
@@ -54,4 +53,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roformer.files import atomic_write  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
 
-PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_vs_length.png", "per_position.png")
+PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
+             "per_position.png")
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
-"""Shared fixtures: the real Hydra configs composed and shrunk, a tiny learnable corpus, a wandb file reader."""
+"""Shared fixtures: the real Hydra configs composed and shrunk, a tiny learnable corpus, wandb file readers."""
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,51 @@ def read_wandb_records(path: Path) -> list:
         rec.ParseFromString(raw)
         out.append(rec)
     return out
+
+
+@dataclass
+class WandbRun:
+    """What an offline wandb run recorded, read back from its ``.wandb`` file."""
+
+    run: object  # the RunRecord: run_id, run_group, display_name, job_type, tags
+    config: dict  # nested, as wandb.init(config=...) got it
+    history: list[dict]  # a dict per logged row, keys as logged ("eval/nonoverlapping/ppl"), not wandb's _step...
+    metrics: dict  # define_metric: name or glob -> its step metric
+    exit_code: int | None
+
+    def get(self, dotted: str):
+        """A config value by its dotted path, as a wandb workspace names it: ``pos.name``."""
+        node = self.config
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def read_wandb_run(path: Path, timeout: float = 60.0) -> WandbRun:
+    """An ``offline-run-*`` folder (or its ``.wandb`` file), once wandb's service has flushed its exit record."""
+    import json
+    import time
+
+    path = Path(path)
+    if path.is_dir():
+        (path,) = path.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = read_wandb_records(path)
+        exits = [r.exit for r in recs if r.WhichOneof("record_type") == "exit"]
+        if exits or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    kind = [(r.WhichOneof("record_type"), r) for r in recs]
+    run = next(r.run for k, r in kind if k == "run")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    config.update({u.key: json.loads(u.value_json) for k, r in kind if k == "config" for u in r.config.update})
+    history = [{key: json.loads(i.value_json) for i in r.history.item
+                if not (key := i.key or "/".join(i.nested_key)).startswith("_")} for k, r in kind if k == "history"]
+    metrics = {r.metric.name or r.metric.glob_name: r.metric.step_metric for k, r in kind if k == "metric"}
+    return WandbRun(run, config, history, metrics, exits[-1].exit_code if exits else None)
+
+
+def wandb_runs(folder: Path) -> list[WandbRun]:
+    """Every offline run under ``folder`` (a run or evaluation folder: ``<folder>/wandb/offline-run-*``)."""
+    return [read_wandb_run(p) for p in sorted(Path(folder).glob("wandb/offline-run-*"))]

@@ -110,6 +110,13 @@ def test_enum_errors_list_the_allowed_values():
     (["optim.grad_clip=-1"], "optim.grad_clip"),
     (["trainer.threads=-1"], "trainer.threads=-1 must be >= 0"),
     (["trainer.compile=maybe"], "trainer.compile='maybe' must be auto, true or false"),
+    (["model.n_head=4", "model.d_model=68"], r"1.0 \* 17 = 17.0 dimensions, which must be a positive even integer "
+                                             r"\(head_dim = model.d_model / model.n_head = 68 / 4\); change "
+                                             r"pos.rotary_fraction, model.n_head or model.d_model"),
+    (["pos.rotary_fraction=0.3"], r"0.3 \* 32 = 9.6 dimensions"),  # model=tiny: head_dim 64 / 2
+    (["model.attention=linear", "pos=alibi"], "model.attention=linear cannot use pos=alibi"),
+    (["trainer.resume_override=[seed,trainer.max_steps]"], "trainer.resume_override names trainer.max_steps, which "
+                                                           "is not among the settings that define a run"),
 ])
 def test_cross_field_and_value_checks_name_the_keys(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -123,18 +130,19 @@ def test_compile_setting_accepts_yaml_booleans_and_words(value, expected):
     assert tiny_config(f"trainer.compile={value}").trainer.compile == expected
 
 
-def test_cli_prints_one_line_for_our_errors_and_exits_nonzero(tmp_path):
+def test_cli_prints_one_line_for_our_errors_and_exits_2_for_a_bad_value(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "optim.lr=-1", f"hydra.run.dir={tmp_path}/run"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a usage error: refused before any work
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0 must be positive (e.g. optim.lr=1e-3)"
+    assert r.stderr.strip().splitlines() == ["error: optim.lr=-1.0 must be positive (e.g. optim.lr=1e-3)"]
+    assert not (tmp_path / "run").exists()  # the folder Hydra made for it is gone
 
 
 def test_cli_rejects_an_unknown_key_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "trainer.max_stepz=5", f"hydra.run.dir={tmp_path}/run"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
+    assert r.returncode == 2  # Hydra's composition error: a usage error
     assert "max_stepz" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -148,3 +156,63 @@ def test_cli_refuses_an_output_folder_that_cannot_be_created(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"error: output folder {blocker}/run cannot be created (not a folder in {blocker}); "
         "choose another with hydra.run.dir=..."]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exit codes: 2 for usage (before any work), 1 for a failure while running; no run folder left behind for nothing
+
+ROTARY_17 = ("error: RoPE rotates pos.rotary_fraction * head_dim = 1.0 * 17 = 17.0 dimensions, which must be a "
+             "positive even integer (head_dim = model.d_model / model.n_head = 68 / 4); change pos.rotary_fraction, "
+             "model.n_head or model.d_model")
+NOWHERE = ["data=text_files", "data.train_files=[/nowhere/doc*.txt]"]
+
+
+def _cli(script: str, *args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, code, last_line", [
+    (["trainer.max_steps=ten"], 2, "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."),
+    (["trainer.resume_override=[trainer.lr]"], 2, None),
+    # the model/positional check runs when the config is made: the data that points nowhere is never looked at
+    (["model.n_head=4", "model.d_model=68", *NOWHERE], 2, ROTARY_17),
+    (NOWHERE, 1, "error: data.train_files: '/nowhere/doc*.txt' matches no file"),
+])
+def test_train_py_exits_2_for_usage_1_at_run_time_and_leaves_no_run_folder(args, code, last_line, tmp_path):
+    r = _cli("train.py", *args, f"hydra.run.dir={tmp_path}/new/run")
+    assert r.returncode == code and "Traceback" not in r.stderr
+    if last_line is not None:
+        assert r.stderr.strip().splitlines()[-1] == last_line
+    assert not (tmp_path / "new").exists()  # the run folder Hydra made, and the parent made for it, are gone
+
+
+def test_a_failed_call_with_the_default_run_folder_leaves_no_outputs_folder(tmp_path):
+    r = _cli("train.py", "trainer.max_steps=-1", cwd=tmp_path)  # outputs/<date>/<time> under the working folder
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: trainer.max_steps=-1 must be a positive integer"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_call_leaves_an_existing_run_folder_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    (run / "notes").mkdir(parents=True)
+    (run / "notes/todo.txt").write_text("keep me\n")
+    (run / "train.log").write_text("an earlier run's log\n")
+    r = _cli("train.py", *NOWHERE, f"hydra.run.dir={run}")
+    assert r.returncode == 1
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["notes", "notes/todo.txt", "train.log"]
+    assert (run / "train.log").read_text() == "an earlier run's log\n"  # Hydra appended to it: cut back
+
+
+@pytest.mark.parametrize("args, code, last_line", [
+    (["data.nope=1"], 2, "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."),
+    (["data.name=nope"], 2, "error: data.name='nope' is not one of: wikitext2, wikitext103, sotu, hub, text_files"),
+    (["data=text_files"], 2, "error: data.train_files is required for data=text_files, e.g. "
+                             "data.train_files=[corpus.txt]"),
+    (NOWHERE, 1, "error: data.train_files: '/nowhere/doc*.txt' matches no file"),
+])
+def test_prepare_data_exits_2_for_usage_and_1_at_run_time(args, code, last_line, tmp_path):
+    r = _cli("scripts/prepare_data.py", *args, f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert r.returncode == code and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == last_line

@@ -1,5 +1,6 @@
 """Evaluation protocols on toy models with known losses, n/a handling, RoPE scaling, and the CLI end to end."""
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from roformer.evaluation import (
 )
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig, RopeScaling
+from roformer.reporting import add_ratios, terminal_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,6 +216,95 @@ def test_bad_settings(kwargs, fragment):
         EvalSettings(**kwargs)
 
 
+class AnyLengthBigram(Bigram):
+    """The Bigram with the hooks evaluate_model asks a model for: any length, no RoPE scaling."""
+
+    class pos:
+        max_positions = staticmethod(lambda cfg: None)
+
+    def scaled_positions(self, *args):
+        return contextlib.nullcontext()
+
+
+def split_into_documents(stream: np.ndarray, seed: int) -> list[np.ndarray]:
+    cuts = np.cumsum(np.random.default_rng(seed).integers(200, 3000, len(stream) // 200))
+    return [d for d in np.split(stream, cuts[cuts < len(stream)]) if len(d)]
+
+
+@pytest.mark.parametrize("n_stream", [5_000, 50_000])
+def test_defaults_cap_what_each_cell_scores(n_stream):
+    """With the default settings every stream cell scores min(eval.max_tokens, split) targets and fixed_target
+    the last K tokens of at most eval.max_docs documents, so an evaluation's cost does not grow with the split."""
+    s = EvalSettings()
+    assert s.max_tokens > 0 and s.max_docs > 0
+    stream = np.random.default_rng(n_stream).integers(0, 11, n_stream).astype(np.uint16)
+    docs = split_into_documents(stream, 0)
+    lengths = s.lengths_for(64)
+    with torch.inference_mode():
+        cells, _ = evaluate_model(AnyLengthBigram(), stream=stream, docs=docs, lengths=lengths, settings=s,
+                                  scaling=RopeScaling.none, train_len=64, counter=None, device="cpu")
+    long_docs = sum(len(d) >= max(lengths) + 1 for d in docs)
+    assert {c.status for c in cells} == {"ok"} and len(cells) == 3 * len(lengths)
+    for c in cells:
+        if c.protocol == "fixed_target":
+            assert c.score.n_tokens == 64 * min(s.max_docs, long_docs)  # K = 64, the smallest length
+        else:
+            assert c.score.n_tokens == min(s.max_tokens, n_stream - 1)
+
+
+def test_max_tokens_is_raised_to_the_largest_length():
+    """A cap below the largest length would leave that length without a window: the stretch grows to fit it."""
+    stream = np.random.default_rng(0).integers(0, 11, 5_000).astype(np.uint16)
+    s = EvalSettings(max_tokens=100, protocols=["nonoverlapping", "sliding"])
+    with torch.inference_mode():
+        cells, _ = evaluate_model(AnyLengthBigram(), stream=stream, docs=[], lengths=[64, 1024], settings=s,
+                                  scaling=RopeScaling.none, train_len=64, counter=None, device="cpu")
+    assert [(c.status, c.score.n_tokens) for c in cells] == [("ok", 1024)] * 4
+
+
+def test_fixed_target_below_target_tokens_scores_the_same_targets_at_every_length():
+    """Trained at 16 tokens with eval.target_tokens=256: K follows the smallest length (16) at every length, so
+    with a model whose loss does not depend on context the NLL is identical at every length."""
+    stream = np.random.default_rng(1).integers(0, 11, 6_000).astype(np.uint16)
+    docs = split_into_documents(stream, 1)
+    s = EvalSettings(protocols=["fixed_target"], max_docs=0)
+    model = AnyLengthBigram()
+    with torch.inference_mode():
+        cells, _ = evaluate_model(model, stream=stream, docs=docs, lengths=[16, 24, 64, 256], settings=s,
+                                  scaling=RopeScaling.none, train_len=16, counter=None, device="cpu")
+    usable = [d for d in docs if len(d) >= 257]
+    expected = sum(direct_sum(model, d, range(len(d) - 16, len(d))) for d in usable)
+    assert [c.status for c in cells] == ["ok"] * 4
+    assert {c.target_tokens for c in cells} == {16} and {c.as_dict()["target_tokens"] for c in cells} == {16}
+    for c in cells:
+        assert c.score.n_tokens == 16 * len(usable)
+        assert c.score.nll_sum == pytest.approx(expected, rel=1e-9)
+
+
+def _row(variant, seed, L, ppl=None, status="ok", note="", protocol="nonoverlapping"):
+    return {"label": f"{variant}{seed}", "variant": variant, "scheme": variant, "rope_scaling": "none", "seed": seed,
+            "train_len": 32, "protocol": protocol, "length": L, "status": status, "note": note, "ppl": ppl,
+            "tokens": 1000 if status == "ok" else None}
+
+
+def test_terminal_table():
+    rows = [_row("rope", 0, 32, 10.0), _row("rope", 0, 64, 12.0), _row("rope", 1, 32, 20.0), _row("rope", 1, 64, 30.0),
+            _row("learned", 0, 32, 1234.5), _row("learned", 0, 64, status="n/a", note="n/a (table size 32)"),
+            _row("rope", 0, 32, 99.0, protocol="sliding")]
+    add_ratios(rows)
+    assert terminal_table({"results": rows, "checkpoints": []}).splitlines() == [
+        "nonoverlapping perplexity, mean over seeds, and its ratio to the perplexity at the training length; "
+        "1,000 tokens per cell",
+        "variant  seeds          L=32   L=64",
+        "rope     2      ppl    15.00  21.00",  # means over the two seeds; the sliding row is not shown
+        "                ratio   1.00   1.35",  # mean of the seeds' ratios, 1.2 and 1.5
+        "learned  1      ppl    1,234    n/a",
+        "                ratio   1.00    n/a",
+        "n/a: learned (table size 32)",
+    ]
+    assert terminal_table({"results": rows[-1:], "checkpoints": []}) == "no nonoverlapping cells were scored"
+
+
 # ---- end to end: two tiny training runs, then evaluate.py over both ----
 
 
@@ -276,9 +367,11 @@ def test_evaluate_cli_writes_every_output(two_runs):
         cwd=tmp,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    stdout = r.stdout
     umask = os.umask(0)
     os.umask(umask)
-    for name in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png"):
+    for name in ("results.json", "results.csv", "results.md", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
+                 "per_position.png"):
         assert (out / name).stat().st_size > 0, name
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name  # as open() makes them
     res = json.loads((out / "results.json").read_text())
@@ -298,6 +391,14 @@ def test_evaluate_cli_writes_every_output(two_runs):
         assert r["bits_per_byte"] == pytest.approx(r["nll_sum"] / math.log(2) / r["bytes"])
     yarn32 = cells[("rope+yarn", "nonoverlapping", 32)]
     assert yarn32["ppl"] == cells[("rope", "nonoverlapping", 32)]["ppl"]  # factor 1 at the training length
+    # the training token cache was read, not rebuilt with the checkpoint's tokenizer
+    assert len(list((tmp / "cache" / "text_files").iterdir())) == 1 and not (tmp / "cache" / "tokenizers").exists()
+    # on the terminal: what is scored, then the compact nonoverlapping table and where the rest is
+    assert "scoring 2 checkpoints, 27 cells; per cell: " in stdout
+    assert "that is all of the test split" in stdout
+    assert "nonoverlapping perplexity, mean over seeds," in stdout and "n/a: learned (table size 32)" in stdout
+    assert f"21 of 27 cells scored; every protocol and metric: {out / 'results.md'}" in stdout  # 6 n/a
+    assert "## sliding" not in stdout
 
 
 @pytest.mark.slow
@@ -306,7 +407,9 @@ def test_evaluate_cli_bad_input(two_runs, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     r = run([str(ROOT / "evaluate.py"), f"ckpt={bad}", "logger=none", f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp)
-    assert r.returncode != 0 and "not a readable roformer checkpoint" in r.stderr
+    # one line naming the file (checkpoint.py words the reason)
+    assert r.returncode != 0 and f"error: {bad} is not a " in r.stderr and "roformer checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "results.json").exists()
     r = run(
         [

@@ -70,7 +70,8 @@ def test_one_line():
 
 
 def test_every_result_file_is_readable_by_others(tmp_path, umask_022):
-    """results.json/csv/md and both plots: mode 0644 under umask 022, as a collaborator on shared storage needs."""
+    """results.json/csv/md and the three plots: mode 0644 under umask 022, as a collaborator on shared storage
+    needs."""
     row = {"label": "pos=rope", "variant": "rope", "scheme": "rope", "rope_scaling": "none", "seed": 0, "train_len": 8,
            "protocol": "nonoverlapping", "status": "ok", "note": "", "nll_sum": 10.0, "tokens": 10, "bytes": 40,
            "words": 8, "bits_per_byte": 0.36, "word_ppl": 3.5}
@@ -83,6 +84,7 @@ def test_every_result_file_is_readable_by_others(tmp_path, umask_022):
     }
     paths = write_outputs(results, tmp_path / "eval")
     assert sorted(p.name for p in paths) == sorted(
-        ["results.json", "results.csv", "results.md", "ppl_vs_length.png", "per_position.png"])
+        ["results.json", "results.csv", "results.md", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
+         "per_position.png"])
     assert {p.name: mode(p) for p in paths} == {p.name: 0o644 for p in paths}
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == sorted(p.name for p in paths)  # no temp files

@@ -55,6 +55,41 @@ def test_cache_and_windows_match_full_forward(name, attention):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+@pytest.mark.parametrize("kind", list(RopeScaling))
+def test_cache_matches_full_forward_with_every_rope_scaling(kind, attention):
+    """Decoding past original_len with a cache gives the logits of one full forward of the same prefix, for every
+    RoPE scaling. Dynamic NTK's tables depend on the total length, so its reference is the forward of exactly the
+    prefix decoded so far (one forward of the whole sequence would use other tables for every position)."""
+    model, original_len = tiny("rope", attention), 8
+    x = torch.randint(0, 64, (2, 3 * TRAIN_LEN // 2))
+    with torch.no_grad(), model.scaled_positions(kind, 2.0, original_len):
+        cache = KVCache()
+        torch.testing.assert_close(model(x[:, :5], cache=cache)[0], model(x[:, :5])[0])
+        for t in range(5, 30):  # token by token, across original_len and well past it
+            step = model(x[:, t : t + 1], cache=cache)[0][:, -1]
+            torch.testing.assert_close(step, model(x[:, : t + 1])[0][:, -1], atol=2e-5, rtol=1e-4)
+        block = model(x[:, 30:], cache=cache)[0]  # several tokens after the cache
+        torch.testing.assert_close(block, model(x)[0][:, 30:], atol=2e-5, rtol=1e-4)
+        assert len(cache) == x.shape[1] and cache.n_pos == x.shape[1]
+
+
+@pytest.mark.parametrize("kind", list(RopeScaling))
+def test_cache_is_recomputed_only_when_the_rotation_depends_on_the_length(kind):
+    """The fast path (rotated keys written once into a preallocated buffer) for every scaling whose tables do not
+    depend on the length; dynamic NTK keeps it up to original_len and recomputes the cache past it."""
+    model, original_len = tiny("rope"), 8
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad(), model.scaled_positions(kind, 2.0, original_len):
+        cache = KVCache(capacity=16)
+        model(x[:, :4], cache=cache)
+        buffer = cache.layers[0][0]
+        for t in range(4, 16):
+            model(x[:, t : t + 1], cache=cache)
+            same = cache.layers[0][0] is buffer
+            assert same == (kind != RopeScaling.dynamic_ntk or t < original_len), t
+
+
 @pytest.mark.parametrize("name, attention", CASES)
 def test_forward_backward_at_train_length_and_4x(name, attention):
     model = tiny(name, attention)

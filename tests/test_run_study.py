@@ -49,7 +49,8 @@ OLD_PRESETS = {
         experiment="extrapolation_gpu",
         seeds=[0, 1, 2],
         multipliers=[1, 1.25, 1.5, 2, 4, 5, 8, 16, 24],
-        eval=["eval.max_tokens=262144", "eval.target_tokens=256", "eval.bf16=true"],
+        # max_docs=0 (every document) is now explicit: it was evaluate.py's default, which now caps at 32
+        eval=["eval.max_tokens=262144", "eval.max_docs=0", "eval.target_tokens=256", "eval.bf16=true"],
     ),
 }
 

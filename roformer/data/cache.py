@@ -1,4 +1,5 @@
-"""The token cache: `prepare` builds (or reuses) a corpus's tokenizer and token streams, `open_cache` reads one.
+"""The token cache: `prepare` builds (or reuses) a corpus's tokenizer and token streams, `open_cache` reads one,
+`open_prepared` finds the one `prepare` would use without building it.
 
 A cache folder is keyed on everything that changes the tokens, built in a hidden temporary folder, published by
 one rename, and valid only when its meta.json (written last) holds the same key. The layout and the rules for
@@ -92,14 +93,7 @@ def prepare(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, progress: bo
     A valid cache is loaded without touching the corpus or the network. Under DDP (world_size > 1) only
     rank 0 builds; other ranks wait for its finished cache (see the roformer.data docstring).
     """
-    corpus = CORPUS_REGISTRY[cfg.name](cfg)
-    key_inputs = {
-        "format": CACHE_FORMAT,
-        "corpus": corpus.identity(),
-        "tokenizer": _tokenizer_identity(cfg),
-    }
-    key = fetch.sha256_text(json.dumps(key_inputs, sort_keys=True))
-    cache = Path(cfg.cache_dir) / cfg.name / key[:16]
+    corpus, key_inputs, key, cache = _locate(cfg)
     found = _open_valid(cache, key)
     if found is not None:
         log.info("using cached %s tokens at %s", cfg.name, cache)
@@ -107,6 +101,18 @@ def prepare(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, progress: bo
     if world_size > 1 and rank != 0:
         return _wait_for_cache(cache, key, cfg.wait_timeout)
     return _build(cfg, corpus, cache, key, key_inputs, progress)
+
+
+def open_prepared(cfg: DataConfig) -> PreparedData | None:
+    """The finished cache that `prepare(cfg)` would use, or None: builds, writes and waits for nothing.
+
+    For readers that have another way to get their tokens (evaluation falls back to the checkpoint's tokenizer).
+    """
+    try:
+        _, _, key, cache = _locate(cfg)
+    except (DataError, OSError):  # e.g. a data.tokenizer_path or corpus file that is gone: no cache to find
+        return None
+    return _open_valid(cache, key)
 
 
 def open_cache(path: str | os.PathLike) -> PreparedData:
@@ -144,6 +150,18 @@ def format_counts(data: PreparedData) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Building a cache
+
+
+def _locate(cfg: DataConfig) -> tuple[Corpus, dict, str, Path]:
+    """The corpus, the key's inputs, the key, and the cache folder of `cfg` (reads no corpus, only checksums)."""
+    corpus = CORPUS_REGISTRY[cfg.name](cfg)
+    key_inputs = {
+        "format": CACHE_FORMAT,
+        "corpus": corpus.identity(),
+        "tokenizer": _tokenizer_identity(cfg),
+    }
+    key = fetch.sha256_text(json.dumps(key_inputs, sort_keys=True))
+    return corpus, key_inputs, key, Path(cfg.cache_dir) / cfg.name / key[:16]
 
 
 def _tokenizer_identity(cfg: DataConfig) -> dict:
