@@ -159,3 +159,14 @@ def read_wandb_run(path: Path, timeout: float = 60.0) -> WandbRun:
 def wandb_runs(folder: Path) -> list[WandbRun]:
     """Every offline run under ``folder`` (a run or evaluation folder: ``<folder>/wandb/offline-run-*``)."""
     return [read_wandb_run(p) for p in sorted(Path(folder).glob("wandb/offline-run-*"))]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
+    import torch  # like the other imports here that only some fixtures need
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

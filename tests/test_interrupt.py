@@ -43,13 +43,7 @@ CLI = ["debug=fast", "trainer.progress=false", "trainer.seq_len=32", "trainer.ba
 LINE = re.compile(r"interrupted at step (\d+); resume with: (.+)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 @pytest.fixture(autouse=True)

@@ -33,13 +33,7 @@ CLI = ["debug=fast", "trainer.progress=false", "trainer.seq_len=32", "trainer.ba
        "trainer.log_interval=1", "trainer.max_steps=150", "trainer.eval_interval=20", "trainer.keep_last=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 def digest(folder: Path) -> dict[str, str]:
