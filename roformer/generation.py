@@ -119,7 +119,7 @@ def generate(
         if t == stop_id:
             return
         yield t
-        logits, _ = model(tok, cache=cache)
+        logits = model.decode_step(tok, cache)  # = model(tok, cache=cache)[0], with less per-token overhead
 
 
 def stream_text(decode, ids: Iterable[int]) -> Iterator[str]:

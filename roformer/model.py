@@ -157,6 +157,17 @@ class CausalSelfAttention(nn.Module):
             y = self._softmax(q, k, v, pos, ctx)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def step(self, x, pos: PositionalScheme, ctx: PosContext, cache: KVCache) -> torch.Tensor:
+        """forward() for softmax attention without a bias, one query per row after a cache (it sees every key, so
+        no mask), in eval mode: the same kernels on the same operands, without module calls."""
+        B, T, C = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = pos.rotate(q, k, v, ctx)
+        k, v = cache.append(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return F.linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, self.proj.bias)
+
     def _softmax(self, q, k, v, pos, ctx):
         p = self.cfg.dropout if self.training else 0.0
         if not pos.has_bias:
@@ -248,6 +259,15 @@ class Block(nn.Module):
     def forward(self, x, pos, ctx, cache):
         x = x + self.drop(self.attn(self.ln_1(x), pos, ctx, cache))
         return x + self.mlp(self.ln_2(x))
+
+    def step(self, x, pos, ctx, cache):
+        """forward() for one decoding step in eval mode (dropout is the identity): see TransformerLM.decode_step."""
+        ln_1, ln_2, mlp = self.ln_1, self.ln_2, self.mlp
+        h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
+        x = x + self.attn.step(h, pos, ctx, cache)
+        h = F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
+        h = F.linear(h, mlp.fc.weight, mlp.fc.bias)
+        return x + F.linear(F.gelu(h, approximate=mlp.approximate), mlp.proj.weight, mlp.proj.bias)
 
 
 class TransformerLM(nn.Module):
@@ -364,6 +384,40 @@ class TransformerLM(nn.Module):
             cache.ids = torch.cat((cache.ids, idx), dim=1) if cached else idx
             cache.positions, cache.n_pos = k_pos, n_pos
         return logits, self._loss(logits, targets, reduction)
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, V) of one new token per row placed after ``cache``: exactly what ``forward(idx,
+        cache=cache)[0]`` returns (same kernels, same operands), and the cache grows the same way.
+
+        Decoding a small model on a CPU is bound by per-token overhead, not arithmetic, so this path skips what
+        one query after a cache does not need: module calls, dropout, the mask and the cache bookkeeping of the
+        general forward. It applies in eval mode to softmax attention without a score bias and a scheme whose
+        cache stays valid; anything else (and an empty cache) goes through ``forward``. Call it without autograd
+        (``torch.inference_mode()``), as :func:`roformer.generation.generate` does.
+        """
+        n = cache.n_pos
+        if (
+            self.training
+            or len(cache) == 0
+            or idx.shape[1] != 1
+            or self.cfg.attention != AttentionKind.softmax
+            or self.pos.has_bias
+            or not self.pos.same_rotation(n, n + 1)
+        ):
+            return self.forward(idx, cache=cache)[0]
+        dev = idx.device
+        q_pos = torch.arange(n, n + 1, device=dev)
+        k_pos = torch.cat((cache.positions, q_pos))
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype
+        ctx = self.pos.context(q_pos, k_pos, n + 1, dtype)
+        ctx.is_causal = False  # as in forward: a lone query after the cache sees every key, no mask
+        x = self.pos.embed(self.wte(idx), ctx)
+        for block in self.blocks:
+            x = block.step(x, self.pos, ctx, cache)
+        logits = self.lm_head(self.ln_f(x))
+        cache.ids = torch.cat((cache.ids, idx), dim=1)
+        cache.positions, cache.n_pos = k_pos, n + 1
+        return logits
 
     @staticmethod
     def _loss(logits, targets, reduction):

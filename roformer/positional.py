@@ -323,7 +323,10 @@ class RoPE(PositionalScheme):
         # (the eager node's out= writes would break the graph).
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
             return self._apply_rotary_autograd(x, cos, sin)
-        return _Rotary.apply(x, cos, sin, self.rot_dim, self.cfg.layout == RopeLayout.interleaved)
+        interleaved = self.cfg.layout == RopeLayout.interleaved
+        if not torch.is_grad_enabled():  # inference (decoding): no autograd node to build, the kernels alone
+            return _rotate_into(x, cos, sin, self.rot_dim, interleaved)
+        return _Rotary.apply(x, cos, sin, self.rot_dim, interleaved)
 
     def _apply_rotary_autograd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Reference composition of autograd ops (slower: about twice the kernels, forward and backward)."""

@@ -309,3 +309,20 @@ def test_scaled_positions_on_schemes_without_rope():
         with model.scaled_positions(RopeScaling.yarn, 2.0, TRAIN_LEN):
             pass
     assert model.pos is alibi
+
+
+@pytest.mark.parametrize("name, attention", CASES)
+def test_decode_step_equals_the_cached_forward(name, attention):
+    """The fast one-token path gives exactly the cached forward's logits and leaves the same cache."""
+    model = tiny(name, attention).eval()
+    x = torch.randint(0, 64, (2, 12))
+    with torch.inference_mode():
+        fast, slow = KVCache(), KVCache()
+        model(x[:, :8], cache=fast)
+        model(x[:, :8], cache=slow)
+        for t in range(8, 12):
+            a = model.decode_step(x[:, t : t + 1], fast)
+            b, _ = model(x[:, t : t + 1], cache=slow)
+            assert torch.equal(a, b), t
+        assert torch.equal(fast.positions, slow.positions) and fast.n_pos == slow.n_pos == 12
+        assert torch.equal(fast.ids, slow.ids)
