@@ -542,6 +542,8 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, data: PreparedData | No
                             "val/unigram_ppl": uni, "tokens_seen": p.tokens_seen})
         logger.finish(exit_code=exit_code)
         if rt.distributed and dist.is_initialized():
+            if exit_code == 0:  # leave together: a rank that tears down while another still saves can abort it
+                dist.barrier()
             dist.destroy_process_group()
     log.info("done: step %d, %d tokens; val/loss %.4f, val/ppl %.2f (best %.2f; unigram %.1f); checkpoints in %s",
              p.step, p.tokens_seen, val_loss, math.exp(val_loss), math.exp(p.best_val), uni, ckpt_dir)
