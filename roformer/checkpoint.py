@@ -43,7 +43,7 @@ try:  # numpy >= 2 moved its pickling helpers
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct, scalar
 
-from roformer.files import atomic_write, fsync_dir, to_plain
+from roformer.files import atomic_write, first_line, fsync_dir, to_plain
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig
 
@@ -153,7 +153,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                 if zipfile.is_zipfile(p) else "is not a torch file (random bytes or another format)")
         raise CheckpointError(f"{p} is not a roformer checkpoint: it {what}") from None
     except Exception as e:  # truncated zip, unreadable file, ...: one line, no traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if "weights_only" in reason:  # never pass on torch's advice to load it unsafely
             reason = type(e).__name__
         raise CheckpointError(

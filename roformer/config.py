@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from roformer.eval_run import EvalConfig
-from roformer.files import atomic_write, check_creatable
+from roformer.files import atomic_write, check_creatable, first_line
 from roformer.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Task:
         try:
             return convert(cfg)
         except (ValueError, OmegaConfBaseException) as e:
-            raise UsageError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
+            raise UsageError(first_line(e)) from e
 
     def __exit__(self, kind, e, tb) -> bool:
         if kind is None or isinstance(e, SystemExit) and e.code in (0, None):

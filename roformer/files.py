@@ -115,6 +115,12 @@ def one_line(e: BaseException | str, limit: int = 300) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (where libraries put the cause), or its type name when empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def to_plain(obj) -> object:
     """Dataclasses, enums and paths -> dicts, strings and numbers (for checkpoints, result files, dashboards)."""
     if is_dataclass(obj) and not isinstance(obj, type):
