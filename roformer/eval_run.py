@@ -170,7 +170,9 @@ def plan(cfg: EvalConfig) -> list[Plan]:
         if s.stride and s.stride > min(lengths):
             raise ValueError(f"eval.stride={s.stride} is larger than the length {min(lengths)}; lower eval.stride")
         pos_cfg = configs_from_checkpoint(ck)[1]
-        scalings = s.rope_scaling if pos_cfg.supports_scaling else [RopeScaling.none]
+        # a checkpoint trained with a scaling (fine-tuned context extension) is scored as trained only
+        zero_shot = pos_cfg.supports_scaling and pos_cfg.scaling == RopeScaling.none
+        scalings = s.rope_scaling if zero_shot else [RopeScaling.none]
         label = _label(p, taken, pos_cfg.name)
         plans.append(Plan(p, ck, label, train_len, lengths, scalings, table=pos_cfg.max_positions))
     return plans
@@ -240,6 +242,27 @@ def describe(plans: list[Plan], shares: list[Share], s: EvalSettings) -> str:
     return "\n".join(lines)
 
 
+def variant_name(ck: dict, train_len: int) -> str:
+    """What a study calls a checkpoint's model, from its config: the scheme, then what sets it apart from the
+    scheme's plain form. ``rope+linear`` (linear attention), ``sinusoidal-fairseq`` (pos.scale_embeddings),
+    ``learned-32L`` (a table of 32 x the training length), ``rope+pi-ft`` (fine-tuned from another checkpoint
+    with PI scaling), ``rope-ft`` (fine-tuned without one). Evaluation appends a zero-shot scaling: ``rope+yarn``."""
+    pos_cfg = configs_from_checkpoint(ck)[1]
+    name = pos_cfg.name
+    if pos_cfg.scale_embeddings:
+        name += "-fairseq"
+    table = pos_cfg.max_positions
+    if table is not None and table != train_len:
+        name += f"-{table / train_len:g}L"
+    if ck["model_cfg"].get("attention", "softmax") == "linear":
+        name += "+linear"
+    if pos_cfg.scaling != RopeScaling.none:
+        name += f"+{pos_cfg.scaling.value}"
+    if ck["train_cfg"]["trainer"].get("init_from"):
+        name += "-ft"
+    return name
+
+
 def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_docs: int) -> dict:
     ck = pl.ckpt
     attention = ck["model_cfg"].get("attention", "softmax")
@@ -248,7 +271,7 @@ def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_doc
         "path": str(pl.path),
         "scheme": ck["pos_cfg"]["name"],
         "attention": attention,
-        "variant": ck["pos_cfg"]["name"] + ("+linear" if attention == "linear" else ""),
+        "variant": variant_name(ck, pl.train_len),
         "seed": ck["train_cfg"].get("seed"),
         "train_len": pl.train_len,
         "step": ck.get("step"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -168,6 +169,7 @@ def sliding_windows(n_targets: int, length: int, stride: int) -> Iterator[tuple[
 # Scoring
 
 
+@torch.no_grad()  # scoring under any caller's grad mode: no graph is kept, and the result leaves as numpy
 def token_nll(model, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Per-token NLL (B, T) in float32 for inputs x and targets y, windows starting at position 0."""
     dev = x.device
@@ -413,7 +415,9 @@ def evaluate_model(
                 cell = Cell(protocol.value, L, "n/a", f"n/a (table size {table})", target_tokens=k)
             else:
                 try:
-                    with model.scaled_positions(scaling, L / train_len, train_len):
+                    # none: the positions as trained (a checkpoint fine-tuned with a scaling keeps it)
+                    zero_shot = scaling != RopeScaling.none
+                    with model.scaled_positions(scaling, L / train_len, train_len) if zero_shot else nullcontext():
                         if protocol == Protocol.fixed_target:
                             score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=K, **common)
                         else:

@@ -148,6 +148,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, pos: PositionalScheme, ctx: PosContext, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,D)
+        if ctx.qk_scale != 1.0:  # YaRN's temperature, before the rotation and (linear) the feature map
+            q, k = q * ctx.qk_scale, k * ctx.qk_scale
         if self.cfg.attention == AttentionKind.linear:
             y = self._linear(q, k, v, pos, ctx, cache)
         else:
@@ -163,6 +165,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if ctx.qk_scale != 1.0:
+            q, k = q * ctx.qk_scale, k * ctx.qk_scale
         q, k, v = pos.rotate(q, k, v, ctx)
         k, v = cache.append(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v)

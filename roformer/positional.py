@@ -73,6 +73,10 @@ class PosConfig:
     scaling: RopeScaling = RopeScaling.none
     scaling_factor: float = 1.0
     original_len: int = 0
+    # sinusoidal: fairseq's form, which the ALiBi paper used: token embeddings times sqrt(d_model) plus the sinusoid
+    # unscaled. Off: the sinusoid times d_model^-0.5 plus the embeddings unscaled (the same ratio of sizes at init
+    # only if the embeddings had std d_model^-0.5; ours start at GPT-2's 0.02).
+    scale_embeddings: bool = False
     # learned: size of the absolute position table (positions 0 .. max_len-1).
     max_len: int = 1024
     # relative: clip distance K of Shaw et al.; distances are clip(m - n, -K, K).
@@ -96,6 +100,11 @@ class PosConfig:
             raise ValueError(
                 f"pos.num_buckets={self.num_buckets}, pos.max_distance={self.max_distance}: need at least 2 "
                 "buckets and max_distance > num_buckets // 2"
+            )
+        if self.scale_embeddings and not SCHEMES[self.name].scales_embeddings:
+            raise ValueError(
+                f"pos.scale_embeddings=true applies to {[n for n, c in SCHEMES.items() if c.scales_embeddings]} only, "
+                f"not pos.name={self.name}; drop it"
             )
         if self.scaling_factor < 1.0:
             raise ValueError(f"pos.scaling_factor={self.scaling_factor} must be >= 1 (1 means no scaling)")
@@ -127,6 +136,9 @@ class PosContext:
     mask: torch.Tensor | None = None  # otherwise (T, S) bool, True where a query may attend a key
     cos: torch.Tensor | None = None  # rope: (T, rot/2) in the activation dtype
     sin: torch.Tensor | None = None
+    # YaRN's attention temperature: q and k are multiplied by it before attention (softmax: scores scale by its
+    # square; linear: before the feature map, so numerator and normaliser see the same sharpened features)
+    qk_scale: float = 1.0
 
 
 SCHEMES: dict[str, type[PositionalScheme]] = {}
@@ -149,6 +161,7 @@ class PositionalScheme(nn.Module):
     has_bias: ClassVar[bool] = False  # adds to attention scores (needs the additive-bias attention path)
     supports_linear: ClassVar[bool] = True  # usable with model.attention=linear
     supports_scaling: ClassVar[bool] = False  # accepts a zero-shot context extension (with_scaling), RoPE only
+    scales_embeddings: ClassVar[bool] = False  # honours pos.scale_embeddings (fairseq's sinusoidal form)
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__()
@@ -313,9 +326,10 @@ class RoPE(PositionalScheme):
     def context(self, q_pos, k_pos, n_pos, dtype):
         cos, sin = self.cos_sin(n_pos, q_pos.device)
         cos, sin = cos[q_pos], sin[q_pos]  # (T, rot/2)
-        if self.mscale != 1.0:  # YaRN temperature: scales q and k, so scores scale by mscale^2
-            cos, sin = cos * self.mscale, sin * self.mscale
-        return PosContext(q_pos=q_pos, k_pos=k_pos, n_pos=n_pos, cos=cos.to(dtype), sin=sin.to(dtype))
+        # YaRN's temperature is not folded into cos/sin: with linear attention the rotated numerator would be
+        # scaled by mscale^2 and the unrotated normaliser not, multiplying the output instead of sharpening it
+        return PosContext(q_pos=q_pos, k_pos=k_pos, n_pos=n_pos, cos=cos.to(dtype), sin=sin.to(dtype),
+                          qk_scale=self.mscale)
 
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first rot_dim dims of x (..., T, D) by the given cos/sin (T, rot/2)."""
@@ -401,13 +415,18 @@ def sinusoid_table(positions: torch.Tensor, dim: int, base: float) -> torch.Tens
 class Sinusoidal(PositionalScheme):
     """Vaswani et al. fixed sin/cos added to the embeddings; defined for any position.
 
-    The table is scaled by d_model^-0.5 so its per-dimension size (~0.04 at d=256) matches the 0.02-std token
-    embeddings instead of drowning them (Vaswani instead multiplied the embeddings by sqrt(d_model)).
+    By default the table is scaled by d_model^-0.5 so its per-dimension size (~0.04 at d=256) matches the
+    0.02-std token embeddings instead of drowning them. ``pos.scale_embeddings=true`` is fairseq's form (and so
+    the ALiBi paper's): the embeddings are multiplied by sqrt(d_model) and the table is added unscaled.
     """
 
+    scales_embeddings = True
+
     def embed(self, x, ctx):
-        pe = sinusoid_table(ctx.q_pos, self.d_model, self.cfg.base) * self.d_model**-0.5
-        return x + pe.to(x.dtype)
+        pe = sinusoid_table(ctx.q_pos, self.d_model, self.cfg.base)
+        if self.cfg.scale_embeddings:
+            return x * self.d_model**0.5 + pe.to(x.dtype)
+        return x + (pe * self.d_model**-0.5).to(x.dtype)
 
 
 @register("learned")

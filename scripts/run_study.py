@@ -26,11 +26,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
+import roformer.config  # noqa: E402,F401  (registers train.yaml's schema, which experiment_seq_len composes)
 from roformer.evaluation import EvalSettings  # noqa: E402
 from roformer.files import atomic_write, one_line  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
@@ -73,6 +75,12 @@ class Preset:
     seeds: list[int]
     # evaluate.py's eval.* settings (configs/evaluate.yaml), passed in this order; None: not passed
     eval: dict[str, Any]
+    # name -> train.py overrides: this preset's own variants, instead of configs/run_study.yaml's (None)
+    variants: dict[str, list[str]] | None = None
+    # a study folder whose runs this one starts from: {base} in a variant's overrides
+    base: str = ""
+    # variants of configs/run_study.yaml whose runs in the base study are scored too (zero-shot, as trained)
+    zero_shot: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.experiment not in options("experiment"):
@@ -97,6 +105,40 @@ class Study:
     preset: Preset
     # variant name -> train.py overrides, in the order runs are trained and reported
     variants: dict[str, list[str]]
+    # configs/run_study.yaml's variants (the base study's runs), when the preset brings its own
+    main_variants: dict[str, list[str]]
+    # the experiment's training length: {kL} in an override is k times it
+    seq_len: int
+
+    def overrides(self, variant: str, seed: int, base: Path | None) -> list[str]:
+        """A variant's train.py overrides for one seed: {seed}, {base} (the base study folder) and {kL} filled in."""
+        return [expand(o, seed=seed, base=base, seq_len=self.seq_len) for o in self.variants[variant]]
+
+    def run_name(self, variant: str, seed: int) -> str:
+        """A run's folder under <out>/runs: its overrides, as Hydra names a sweep's jobs; a preset's own variants
+        (whose overrides hold paths) by name."""
+        if self.preset.variants is None:
+            return run_name(self.overrides(variant, seed, None), seed)
+        return f"variant={variant},seed={seed}"
+
+
+PLACEHOLDER = re.compile(r"\{(\d+(?:\.\d+)?)L\}")
+
+
+def expand(override: str, *, seed: int, base: Path | None, seq_len: int) -> str:
+    """{seed} -> the seed, {base} -> the base study folder, {kL} -> k x the training length (an integer)."""
+    if "{base}" in override:
+        if base is None:
+            raise ValueError(f"{override!r} names {{base}} but the preset sets no base study; set base: FOLDER")
+        override = override.replace("{base}", str(base))
+
+    def times_len(m: re.Match) -> str:
+        n = float(m.group(1)) * seq_len
+        if n != int(n):
+            raise ValueError(f"{override!r}: {m.group(1)} x {seq_len} tokens is not a whole number")
+        return str(int(n))
+
+    return PLACEHOLDER.sub(times_len, override.replace("{seed}", str(seed)))
 
 
 def study_variants(pos_order: list[str], named: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -127,12 +169,51 @@ def load_study(preset: str) -> Study:
         variants = study_variants(list(cfg.pos_order), OmegaConf.to_container(cfg.variants))
     except ValueError as e:
         raise ValueError(f"configs/run_study.yaml: {e}") from None
-    return Study(preset=p, variants=variants)
+    unknown = [v for v in p.zero_shot if v not in variants]
+    if unknown:
+        raise ValueError(f"configs/study/{preset}.yaml: zero_shot: {unknown} are not variants of "
+                         f"configs/run_study.yaml; choose from {list(variants)}")
+    own = {str(v): [str(o) for o in ov] for v, ov in p.variants.items()} if p.variants is not None else None
+    return Study(preset=p, variants=own or variants, main_variants=variants, seq_len=experiment_seq_len(p.experiment))
+
+
+def experiment_seq_len(experiment: str) -> int:
+    """trainer.seq_len of train.py's config with experiment=<name>."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="run_study"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    return int(cfg.trainer.seq_len)
 
 
 def run_name(overrides: list[str], seed: int) -> str:
     """A run's folder under <out>/runs: its overrides, as Hydra names a sweep's jobs."""
     return ",".join([*overrides, f"seed={seed}"])
+
+
+def base_folder(study: Study) -> Path | None:
+    return Path(study.preset.base).resolve() if study.preset.base else None
+
+
+def zero_shot_runs(study: Study, seeds: list[int]) -> list[Path]:
+    """The base study's run folders that are scored beside this study's runs (preset's zero_shot, every seed)."""
+    base = base_folder(study)
+    if base is None:
+        return []
+    return [base / "runs" / run_name(study.main_variants[v], seed) for seed in seeds for v in study.preset.zero_shot]
+
+
+def check_base(study: Study, variants: list[str], seeds: list[int]) -> None:
+    """Every checkpoint the study starts from or scores exists, before any work: a ValueError says what to run."""
+    base = base_folder(study)
+    wanted = list(zero_shot_runs(study, seeds))
+    for seed in seeds:
+        for v in variants:
+            wanted += [Path(o.split("=", 1)[1].strip("'\"")) for o in study.overrides(v, seed, base)
+                       if o.startswith("trainer.init_from=")]
+    missing = [str(p) for p in dict.fromkeys(wanted) if not (p / "checkpoints" / "last.pt").is_file()
+               and not p.is_file()]
+    if missing:
+        raise ValueError(f"the base study has no checkpoint at {missing[0]} ({len(missing)} missing); train it "
+                         f"first: python scripts/run_study.py --out {base} --seeds {','.join(map(str, seeds))}")
 
 
 def train_runs(
@@ -144,13 +225,13 @@ def train_runs(
     runs = []
     for seed in seeds:
         for v in variants:
-            name = run_name(study.variants[v], seed)
+            name = study.run_name(v, seed)
             run_dir = out / "runs" / name
             cmd = [
                 sys.executable,
                 "train.py",
                 f"experiment={study.preset.experiment}",
-                *study.variants[v],
+                *study.overrides(v, seed, base_folder(study)),
                 f"seed={seed}",
                 f"logger={logger}",
                 f"logger.group={group}-{v}",
@@ -164,12 +245,14 @@ def train_runs(
     return runs
 
 
-def eval_command(study: Study, out: Path, logger: str) -> list[str]:
-    """evaluate.py over every checkpoint under <out>/runs; each eval run goes to its checkpoint's training group."""
+def eval_command(study: Study, out: Path, logger: str, seeds: list[int]) -> list[str]:
+    """evaluate.py over every checkpoint under <out>/runs (and the base study's zero-shot runs); each eval run goes
+    to its checkpoint's training group."""
+    ckpts = [out / "runs", *zero_shot_runs(study, seeds)]
     return [
         sys.executable,
         "evaluate.py",
-        f"ckpt='{out / 'runs'}'",
+        "ckpt=[" + ",".join(f"'{p}'" for p in ckpts) + "]",
         *study.preset.eval_overrides(),
         f"logger={logger}",
         f"logger.tags=[extrapolation,{out.name}]",
@@ -241,6 +324,10 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else study.preset.seeds
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
+    try:
+        check_base(study, variants, seeds)
+    except ValueError as e:
+        ap.error(str(e))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     t0 = time.time()
@@ -264,7 +351,7 @@ def main() -> int:
             if rc != 0:
                 print(f"! {name} failed (exit {rc}); see {log}", flush=True)
     t_train = time.time() - t0
-    rc = sh(eval_command(study, out, args.logger), log)
+    rc = sh(eval_command(study, out, args.logger, seeds), log)
     record.update(
         train_seconds=round(t_train, 1),
         eval_seconds=round(time.time() - t0 - t_train, 1),

@@ -55,6 +55,9 @@ OLD_PRESETS = {
 }
 
 
+NEW_VARIANTS = ["learned-32L", "sinusoidal-fairseq"]  # the baselines issue 16 added
+
+
 def old_commands(preset: str, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str]):
     """The train.py commands (seed-major) and the evaluate.py command of the script before this change."""
     p, group = OLD_PRESETS[preset], out.name
@@ -66,7 +69,7 @@ def old_commands(preset: str, variants: list[str], seeds: list[int], out: Path, 
         for seed in seeds for v in variants
     ]  # fmt: skip
     mult = ",".join(str(m) for m in p["multipliers"])
-    evaluate = [PY, "evaluate.py", f"ckpt='{out / 'runs'}'", f"eval.multipliers=[{mult}]",
+    evaluate = [PY, "evaluate.py", f"ckpt=['{out / 'runs'}']", f"eval.multipliers=[{mult}]",
                 "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]", "eval.progress=false", *p["eval"],
                 f"logger={logger}", f"logger.tags=[extrapolation,{group}]",
                 f"hydra.run.dir='{out / 'eval'}'"]  # fmt: skip
@@ -96,8 +99,8 @@ def test_cpu_preset_commands_written_out():
          "logger.group=cpu-rope+linear", "logger.tags=[extrapolation,cpu]", "logger.name=rope+linear-seed0",
          "trainer.progress=false", "hydra.run.dir='/studies/cpu/runs/pos=rope,model.attention=linear,seed=0'"],
     ]  # fmt: skip
-    assert run_study.eval_command(study, out, "wandb") == [
-        PY, "evaluate.py", "ckpt='/studies/cpu/runs'", "eval.multipliers=[1,1.25,1.5,2,4,5,8,16,24]",
+    assert run_study.eval_command(study, out, "wandb", [0]) == [
+        PY, "evaluate.py", "ckpt=['/studies/cpu/runs']", "eval.multipliers=[1,1.25,1.5,2,4,5,8,16,24]",
         "eval.rope_scaling=[none,pi,ntk,dynamic_ntk,yarn]", "eval.progress=false", "eval.max_tokens=16384",
         "eval.max_docs=16", "eval.target_tokens=128", "eval.bf16=true", "logger=wandb",
         "logger.tags=[extrapolation,cpu]", "hydra.run.dir='/studies/cpu/eval'",
@@ -109,12 +112,14 @@ def test_cpu_preset_commands_written_out():
 @pytest.mark.parametrize("logger,extra", [("wandb", []), ("none", ["optim.lr=1e-3", "data=sotu"])])
 def test_every_preset_runs_the_commands_it_ran_before(preset, logger, extra):
     study, out = run_study.load_study(preset), Path("/somewhere") / f"my-{preset}"
-    assert list(study.variants) == list(OLD_VARIANTS) and study.variants == OLD_VARIANTS
+    # the old variants, in their order, then the two baselines added since (issue 16)
+    assert list(study.variants) == [*OLD_VARIANTS, *NEW_VARIANTS]
+    assert {v: study.variants[v] for v in OLD_VARIANTS} == OLD_VARIANTS
     assert study.preset.seeds == OLD_PRESETS[preset]["seeds"]
     train, evaluate = old_commands(preset, list(OLD_VARIANTS), study.preset.seeds, out, logger, extra)
-    assert [cmd for _, _, cmd in run_study.train_runs(study, list(study.variants), study.preset.seeds, out,
+    assert [cmd for _, _, cmd in run_study.train_runs(study, list(OLD_VARIANTS), study.preset.seeds, out,
                                                       logger, extra)] == train  # fmt: skip
-    assert run_study.eval_command(study, out, logger) == evaluate
+    assert run_study.eval_command(study, out, logger, study.preset.seeds) == evaluate
 
 
 def run_main(monkeypatch, argv: list[str]) -> tuple[int, list[list[str]]]:
@@ -146,14 +151,14 @@ def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_run
 
     rc, cmds = run_main(monkeypatch, ["--out", str(out), "--skip-train"])
     assert rc == 0 and cmds == [old_commands("cpu", [], [], out, "wandb", [])[1]]
-    assert json.loads((out / "study.json").read_text())["variants"] == list(OLD_VARIANTS)
+    assert json.loads((out / "study.json").read_text())["variants"] == [*OLD_VARIANTS, *NEW_VARIANTS]
 
 
 def test_variants_are_the_pos_options_in_the_study_order_then_the_named_ones():
     study = run_study.load_study("cpu")
     pos_order = ["rope", "sinusoidal", "learned", "alibi", "nope", "relative", "t5"]
     assert set(options("pos")) == set(pos_order)  # a new scheme's YAML is a variant anyway; list it in pos_order
-    assert list(study.variants) == [*pos_order, "rope+linear"]
+    assert list(study.variants) == [*pos_order, "rope+linear", *NEW_VARIANTS]
     assert all(study.variants[v] == [f"pos={v}"] for v in options("pos"))
 
 
@@ -163,18 +168,19 @@ def test_a_new_pos_option_is_a_variant(tmp_path, monkeypatch):
     (configs / "pos" / "xpos.yaml").write_text("name: xpos\n")
     monkeypatch.setattr(run_study, "CONFIGS", configs)
     variants = run_study.load_study("cpu").variants
-    assert list(variants)[-2:] == ["xpos", "rope+linear"] and variants["xpos"] == ["pos=xpos"]
+    assert list(variants)[-4:-2] == ["xpos", "rope+linear"] and variants["xpos"] == ["pos=xpos"]
 
 
 @pytest.mark.parametrize("preset", options("study"))
 def test_every_preset_loads_and_names_an_experiment_that_exists(preset):
-    assert options("study") == ["cpu", "gpu", "quick"]
+    assert options("study") == ["cpu", "extension", "gpu", "quick"]
     assert run_study.load_study(preset).preset.experiment in options("experiment")
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--variants", "rope,rotary"], "error: --variants: unknown ['rotary']; choose from ['rope', 'sinusoidal', "),
-    (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'gpu', 'quick')"),
+    (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'extension', 'gpu', "
+                          "'quick')"),
     (["--seeds", "0,one"], "error: --seeds: '0,one' is not a comma-separated list of integers"),
 ])  # fmt: skip
 def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
@@ -188,7 +194,7 @@ def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch,
     ("study/cpu.yaml", "max_docs: 16", "max_doc: 16", "configs/study/quick.yaml: eval: Key 'max_doc' not in"),
     ("study/cpu.yaml", "[none, pi,", "[none, pie,", "Invalid value 'pie', expected one of [none, pi, ntk"),
     ("study/quick.yaml", "extrapolation_quick", "extrapolation_fast",
-     "experiment=extrapolation_fast is not in configs/experiment/; choose from ['extrapolation', "),
+     "experiment=extrapolation_fast is not in configs/experiment/; choose from ['extension', 'extrapolation', "),
     ("study/quick.yaml", "seeds: [0]", "seed: [0]", "configs/study/quick.yaml: Key 'seed' not in 'Preset'"),
     ("run_study.yaml", "relative, t5]", "relative, t5, xpos]", "pos_order: ['xpos'] not in configs/pos/"),
     ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name options of configs/pos/"),
