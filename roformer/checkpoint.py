@@ -13,6 +13,10 @@ A checkpoint is one ``torch.save`` file holding a dict, assembled by :func:`buil
 * ``resume_overrides`` run-defining changes made on purpose at a resume (``trainer.resume_override``), every
   resume's, oldest first: ``[{"step": N, "key": "seed", "from": 0, "to": 1}, ...]``; ``[]`` when there were none
   (absent before this field existed). What may change and what it does: :mod:`roformer.resume`
+* ``init_from``       where the weights of a fine-tuned run came from (``trainer.init_from``), kept across its
+  resumes: ``{"path": "/abs/run/checkpoints/last.pt", "step": N, "tokens_seen": N, "run_name": ..., "seed": ...}``
+  (the source checkpoint's file, counters, logger.name and seed); None for a run trained from scratch (absent
+  before this field existed)
 
 ``train_cfg`` is the config of the run that wrote the file, so after an override it holds the new value.
 
@@ -198,7 +202,7 @@ def prune_step_checkpoints(folder: Path, keep: int) -> None:
 def build_payload(*, train_cfg, tokenizer_json: str, model, optimizer,
                   scheduler, scaler, sampler, rng: dict, step: int, tokens_seen: int, best_val_loss: float,
                   wandb_run_id: str | None, metrics: dict, world_size: int,
-                  resume_overrides: list[dict] | None = None) -> dict:
+                  resume_overrides: list[dict] | None = None, init_from: dict | None = None) -> dict:
     """The checkpoint dict of the module docstring, from a run's config (a dataclass with ``model``, ``pos`` and
     ``data`` fields) and live objects. ``scaler`` is None unless fp16 needs one."""
     return {
@@ -209,7 +213,7 @@ def build_payload(*, train_cfg, tokenizer_json: str, model, optimizer,
         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
         "sampler": sampler.state_dict(), "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
         "wandb_run_id": wandb_run_id, "metrics": metrics, "world_size": world_size,
-        "resume_overrides": list(resume_overrides or []),
+        "resume_overrides": list(resume_overrides or []), "init_from": init_from,
     }
 
 

@@ -47,7 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from roformer.eval_run import EvalConfig
 from roformer.files import atomic_write, check_creatable, first_line
-from roformer.training import TrainConfig
+from roformer.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,12 +23,21 @@ What an override does from the resumed step on:
 
 Rank 0 then claims the run folder (:func:`claim_run_dir`): leftovers of killed writes go, and ``metrics.jsonl`` is
 cut back to the resumed step, so a resumed run logs each step once. A refused resume has written nothing.
+
+Fine-tuning (``trainer.init_from``) is not a resume: a fresh run (new optimizer, schedule from step 0, counters at 0)
+whose model starts from another checkpoint's weights (:func:`read_init_from`). Those fit only the same architecture
+and tokenizer: any other ``model.*`` or ``pos.*`` value is refused in one line naming the key, except what the
+weights do not depend on (:data:`INIT_FREE`: dropout, how attention is chunked, the initialisation) and RoPE's context
+extension (``pos.scaling``, ``pos.scaling_factor``, ``pos.original_len``), which with a longer ``trainer.seq_len`` is
+what such a fine-tune is for. A run folder with a checkpoint to resume resumes it instead (``init_from`` is then
+ignored: an interrupted fine-tune continues exactly), and ``trainer.init_from`` is not a run-defining key.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -36,7 +45,7 @@ import torch
 
 from roformer import checkpoint as ckpt_lib
 from roformer.data.config import DataConfig
-from roformer.files import to_plain
+from roformer.files import one_line, to_plain
 from roformer.logger import cut_metrics
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig
@@ -215,6 +224,14 @@ def check_run(ckpt: dict, cfg, world_size: int, path: Path) -> list[Change]:
     return changes
 
 
+def tokenizer_mismatch(state: dict, vocab_size: int, tokenizer_json: str) -> str:
+    """How a checkpoint's tokenizer differs from this run's data's; "" when it is the same."""
+    saved = state["model_cfg"]["vocab_size"]
+    if saved == vocab_size and state["tokenizer_json"] == tokenizer_json:
+        return ""
+    return f"its tokenizer is not this run's data's (vocab {saved} in the checkpoint, {vocab_size} in this run)"
+
+
 @dataclass
 class Resume:
     """A checkpoint this run continues, and the run-defining changes its trainer.resume_override accepted."""
@@ -239,12 +256,10 @@ class Resume:
 
     def check_tokenizer(self, vocab_size: int, tokenizer_json: str) -> None:
         """Refuse a checkpoint whose tokenizer is not this run's data's (no override can: a row per token)."""
-        saved = self.state["model_cfg"]["vocab_size"]
-        if saved != vocab_size or self.state["tokenizer_json"] != tokenizer_json:
-            raise ValueError(
-                f"cannot resume from {self.path}: its tokenizer is not this run's data's (vocab {saved} in the "
-                f"checkpoint, {vocab_size} in this run); no override can change it (the weights hold a row per token): "
-                "use the checkpoint's data.* settings")
+        why = tokenizer_mismatch(self.state, vocab_size, tokenizer_json)
+        if why:
+            raise ValueError(f"cannot resume from {self.path}: {why}; no override can change it (the weights hold a "
+                             "row per token): use the checkpoint's data.* settings")
 
     def load_into(self, tr) -> None:
         """The checkpoint's states into a training.Trainee: model, optimizer, schedule, scaler, then the sampler and
@@ -305,3 +320,68 @@ def claim_run_dir(run_dir: Path, resumed_step: int | None) -> None:
         if dropped:
             log.info("metrics.jsonl: dropped %d row(s) logged after step %d (they are logged again)", dropped,
                      resumed_step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tuning: a fresh run from another checkpoint's weights (trainer.init_from)
+
+# model.* and pos.* keys a fine-tune may change: what the weights do not depend on (vocab_size is the tokenizer's,
+# checked on its own) and RoPE's context extension, the point of fine-tuning at a longer trainer.seq_len
+INIT_FREE = ("model.vocab_size", "model.dropout", "model.bias_block", "model.linear_chunk", "model.init_std",
+             "pos.scaling", "pos.scaling_factor", "pos.original_len")
+
+
+def architecture_change(ckpt: dict, cfg) -> Change | None:
+    """The first ``model.*`` or ``pos.*`` key outside :data:`INIT_FREE` where ``ckpt`` and this run (a TrainConfig)
+    differ; None when its weights are this run's model's."""
+    saved_model, saved_pos = (to_plain(c) for c in ckpt_lib.configs_from_checkpoint(ckpt))
+    changes = _group_changes("model", saved_model, to_plain(cfg.model)) + _group_changes("pos", saved_pos,
+                                                                                        to_plain(cfg.pos))
+    return next((c for c in changes if c.key not in INIT_FREE), None)
+
+
+@dataclass
+class InitFrom:
+    """The checkpoint whose weights a fresh run starts from (``trainer.init_from``), its architecture checked."""
+
+    state: dict
+    path: Path  # the checkpoint file, absolute
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def provenance(self) -> dict:
+        """Where the weights came from, as every checkpoint of the fine-tuned run records it (``init_from``)."""
+        train_cfg = self.state.get("train_cfg", {})
+        return {"path": str(self.path), "step": self.state["step"], "tokens_seen": self.state["tokens_seen"],
+                "run_name": train_cfg.get("logger", {}).get("name"), "seed": train_cfg.get("seed")}
+
+    def check_tokenizer(self, vocab_size: int, tokenizer_json: str) -> None:
+        """Refuse weights trained with another tokenizer than this run's data's (the embedding: a row per token)."""
+        why = tokenizer_mismatch(self.state, vocab_size, tokenizer_json)
+        if why:
+            raise ValueError(f"cannot initialise from {self.path} (trainer.init_from): {why}; its weights hold a row "
+                             "per token: use the checkpoint's data.* settings")
+
+    def load_into(self, model: TransformerLM) -> None:
+        """The checkpoint's weights into this run's bare model (before any compile or DDP wrap)."""
+        model.load_state_dict(self.state["model"])
+
+
+def read_init_from(cfg) -> InitFrom:
+    """The checkpoint ``cfg.trainer.init_from`` names (a file, or a run folder's checkpoints/last.pt), read with
+    weights_only and checked against this run's architecture (a TrainConfig) before any work: ValueError in one line
+    for a file that is no roformer checkpoint or a model it does not fit."""
+    try:
+        path = Path(os.path.abspath(ckpt_lib.resolve_checkpoint(cfg.trainer.init_from)))
+        state = ckpt_lib.load_checkpoint(path)
+    except ckpt_lib.CheckpointError as e:
+        raise ckpt_lib.CheckpointError(f"trainer.init_from: {one_line(e)}") from None
+    change = architecture_change(state, cfg)
+    if change is not None:
+        raise ValueError(f"cannot initialise from {path} (trainer.init_from): {change.describe()}; its weights fit "
+                         f"only the same architecture: use {change.fix}, or trainer.init_from='' to train this "
+                         "model from scratch")
+    return InitFrom(state, path)

@@ -1,4 +1,5 @@
-"""The training loop: its settings, the optimiser and schedule, validation, one step, and ``train()``.
+"""The training loop: the optimiser and schedule, validation, one step, and ``train()``; its settings are
+:mod:`roformer.train_config`'s.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens on each of
 ``world_size`` ranks, so the global batch is ``batch_size x world_size x grad_accum`` sequences. DDP averages
@@ -21,6 +22,12 @@ one config are identical, in fp32 at any thread count and in bf16 on one thread.
 drifts in the last digits of the loss from the second step (oneDNN's multithreaded bf16 kernels do not reduce
 in a fixed order); use ``trainer.precision=fp32`` or ``OMP_NUM_THREADS=1`` for bit-exact runs. What a resume may
 change, and what it does to the run folder, is :mod:`roformer.resume`'s.
+
+Fine-tuning (``trainer.init_from=RUN|FILE``): a fresh run whose model starts from another checkpoint's weights, on
+every rank before any wrap; the optimizer, the schedule (from step 0) and the counters start afresh, and every
+checkpoint records where the weights came from (``init_from``). A checkpoint to resume wins over it. The checks
+(same architecture and tokenizer; RoPE's ``pos.scaling`` may change, with a longer ``trainer.seq_len``) are
+:mod:`roformer.resume`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -43,163 +49,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from roformer import checkpoint as ckpt_lib
-from roformer.data import DataConfig, PreparedData, WindowSampler, prepare
+from roformer.data import PreparedData, WindowSampler, prepare
 from roformer.files import ensure_writable, to_plain
-from roformer.logger import LoggerConfig, NullLogger, make_logger
-from roformer.model import ModelConfig, TransformerLM, check_positional
-from roformer.positional import PosConfig
-from roformer.resume import Resume, check_override_keys, claim_run_dir, read_resume
-from roformer.runtime import (
-    Device,
-    Precision,
-    Runtime,
-    resolve_compile,
-    rng_state,
-    seed_everything,
-    setup_runtime,
-)
+from roformer.logger import NullLogger, make_logger
+from roformer.model import TransformerLM
+from roformer.resume import InitFrom, Resume, claim_run_dir, read_init_from, read_resume
+from roformer.runtime import Runtime, resolve_compile, rng_state, seed_everything, setup_runtime
 from roformer.signals import StopSignals
+
+# the settings live in train_config.py; named here too, where the loop that reads them is
+from roformer.train_config import OptimConfig, Schedule, TrainConfig, TrainerConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Settings (the optim and trainer nodes of configs/train.yaml, and the whole run's)
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"  # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
-    constant = "constant"  # linear warmup, then constant
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with decoupled weight decay on weight matrices only, linear warmup, then a decay schedule."""
-
-    lr: float = 2e-3
-    # floor of the cosine decay, as a fraction of lr
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    schedule: Schedule = Schedule.cosine
-    # applied to the 2-D weights of linear layers and the token embedding (tied to the LM head); never to
-    # norms, biases or positional parameters (learned/relative/t5 tables)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    # clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive (e.g. optim.lr=1e-3)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"optim.eps={self.eps} must be positive")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        self.schedule = Schedule(self.schedule)
-
-
-@dataclass
-class TrainerConfig:
-    """The loop. The global batch is batch_size x world_size x grad_accum sequences of seq_len tokens."""
-
-    seq_len: int = 256
-    # sequences per micro-batch on each rank
-    batch_size: int = 16
-    # micro-batches accumulated per optimizer step
-    grad_accum: int = 1
-    max_steps: int = 600
-    # validate (and checkpoint) every this many steps and at the end; 0: only at the end
-    eval_interval: int = 100
-    # validation micro-batches of batch_size fixed windows (evenly spaced over the split); 0: every window
-    eval_iters: int = 20
-    # log train/* metrics every this many steps
-    log_interval: int = 10
-    # step checkpoints kept besides last.pt and best.pt (0: none)
-    keep_last: int = 2
-    precision: Precision = Precision.auto
-    # torch.compile the model: true, false, or auto (where it pays off: on CUDA for runs of 300+ steps; not on CPU,
-    # where it gained nothing measurable; see runtime.resolve_compile)
-    compile: str = "auto"
-    device: Device = Device.auto
-    # deterministic algorithms (bit-exact repeat and resume on CPU); on CUDA this also needs
-    # CUBLAS_WORKSPACE_CONFIG=:4096:8 and may be slower
-    deterministic: bool = True
-    # "" starts fresh; "auto" continues <run_dir>/checkpoints/last.pt if it exists; else a checkpoint file
-    # or a run folder to continue from
-    resume: str = ""
-    # run-defining keys (seed, model.*, pos.*, data.*, seq_len, batch) a resume may change on purpose; see resume.py
-    resume_override: list[str] = field(default_factory=list)
-    # tqdm progress bar (rank 0)
-    progress: bool = True
-    # CPU threads for torch (0: torch's default, every core). On a machine shared with other jobs 1 can be
-    # several times faster than 2: each kernel ends in a barrier that waits for a preempted thread
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"trainer.{key}={getattr(self, key)} must be a positive integer")
-        for key in ("eval_interval", "eval_iters", "keep_last", "threads"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
-        self.precision = Precision(self.precision)
-        self.device = Device(self.device)
-        words = {"true": "true", "on": "true", "false": "false", "off": "false", "auto": "auto"}  # YAML booleans too
-        compile_ = words.get(str(self.compile).lower())
-        if compile_ is None:
-            raise ValueError(f"trainer.compile={self.compile!r} must be auto, true or false")
-        self.compile = compile_
-        if self.precision == Precision.fp16 and self.device == Device.cpu:
-            raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
-        if self.resume not in ("", "auto") and not Path(self.resume).exists():
-            raise ValueError(
-                f"trainer.resume={self.resume}: no such checkpoint file or run folder; "
-                "give an existing path, 'auto' (continue this run folder if possible) or '' (start fresh)"
-            )
-        check_override_keys(self.resume_override)
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pos: PosConfig = field(default_factory=PosConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_positional(self.model, self.pos)  # e.g. RoPE's rotary dimension: before any data work
-        table = self.pos.max_positions  # None: the scheme has no limit
-        if table is not None and self.trainer.seq_len > table:
-            raise ValueError(
-                f"trainer.seq_len={self.trainer.seq_len} is beyond the {self.pos.name} position table "
-                f"(pos.max_len={table}); raise pos.max_len or shorten trainer.seq_len"
-            )
-        data_vocab = getattr(self.data, "vocab_size", None)
-        if data_vocab is not None and self.model.vocab_size < data_vocab:
-            raise ValueError(
-                f"model.vocab_size={self.model.vocab_size} is smaller than data.vocab_size={data_vocab}; "
-                "set data.vocab_size only (the model takes its vocabulary from the tokenizer)"
-            )
-        if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +185,7 @@ class Progress:
     run_id: str | None = None  # the wandb run this run logs to, kept across resumes
     last_good: Path | None = None  # the newest checkpoint, named when training diverges
     overrides: list[dict] = field(default_factory=list)  # every resume's trainer.resume_override changes
+    init_from: dict | None = None  # where the weights of a fine-tune came from (trainer.init_from), kept on resume
 
 
 def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
@@ -342,7 +208,7 @@ def restore(tr: Trainee, resumed: Resume, max_steps: int) -> Progress:
     state = resumed.state
     log.info("resumed from %s at step %d", resumed.path, state["step"])
     return Progress(state["step"], state["tokens_seen"], state["best_val_loss"], state.get("wandb_run_id"),
-                    resumed.path, resumed.overrides)
+                    resumed.path, resumed.overrides, state.get("init_from"))
 
 
 def wrap(tr: Trainee, t: TrainerConfig, rt: Runtime) -> None:
@@ -403,7 +269,7 @@ def save(tr: Trainee, cfg: TrainConfig, data: PreparedData, rt: Runtime, p: Prog
         scaler=tr.scaler if rt.use_scaler else None, sampler=tr.sampler, rng=rng_state(), step=p.step,
         tokens_seen=p.tokens_seen, best_val_loss=p.best_val, wandb_run_id=logger.run_id,
         metrics={} if val_loss is None else {"val/loss": val_loss, "val/ppl": math.exp(val_loss)},
-        world_size=rt.world_size, resume_overrides=p.overrides)
+        world_size=rt.world_size, resume_overrides=p.overrides, init_from=p.init_from)
     p.last_good = ckpt_lib.write_run_checkpoint(ckpt_dir, payload, keep_last=cfg.trainer.keep_last, best=best)
 
 
@@ -420,24 +286,41 @@ def _shared_run_dir(run_dir: str | os.PathLike, rt: Runtime) -> Path:
     return Path(run_dir)
 
 
+def _init_from(cfg: TrainConfig, resumed: Resume | None) -> InitFrom | None:
+    """The checkpoint trainer.init_from names, read and checked; None without one, or when a resume wins over it."""
+    if not cfg.trainer.init_from:
+        return None
+    if resumed is not None:
+        log.info("trainer.init_from=%s ignored: resuming %s instead", cfg.trainer.init_from, resumed.path)
+        return None
+    return read_init_from(cfg)
+
+
 def _start(cfg: TrainConfig, run_dir: Path, data: PreparedData | None,
            rt: Runtime) -> tuple[TrainConfig, PreparedData, Trainee, Progress]:
-    """Everything before the first step: a resume checked against this run (a refusal writes nothing), the data,
-    the model fresh or restored, then the run folder claimed by rank 0 (roformer.resume.claim_run_dir)."""
+    """Everything before the first step: a resume or the weights to fine-tune checked against this run (a refusal
+    writes nothing), the data, the model fresh, initialised or restored, then the run folder claimed by rank 0
+    (roformer.resume.claim_run_dir)."""
     t = cfg.trainer
     if rt.is_main:
         ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
     resumed = read_resume(cfg, run_dir, rt.world_size)
+    init = _init_from(cfg, resumed)
     seed_everything(cfg.seed, t.deterministic)
     if data is None:
         data = prepare(cfg.data, rank=rt.rank, world_size=rt.world_size, progress=t.progress and rt.is_main)
     # the model's vocabulary is the tokenizer's (a small corpus may give fewer merges than data.vocab_size)
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size
-    if resumed is not None:
-        resumed.check_tokenizer(data.vocab_size, data.tokenizer_json)
+    for source in (resumed, init):
+        if source is not None:
+            source.check_tokenizer(data.vocab_size, data.tokenizer_json)
     tr = build(cfg, rt, data.splits["train"].tokens)
     p = restore(tr, resumed, t.max_steps) if resumed is not None else Progress()
+    if init is not None:  # every rank loads the same weights, before compile and DDP
+        init.load_into(tr.raw)
+        p.init_from = init.provenance
+        log.info("initialised from %s (step %d)", init.path, init.step)
     if rt.is_main:
         claim_run_dir(run_dir, None if resumed is None else p.step)
         if resumed is not None:

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from roformer.config import to_config
 from roformer.positional import SCHEMES
 from roformer.runtime import Precision
-from roformer.training import TrainConfig
+from roformer.train_config import TrainConfig
 
 GROUPS = ("model", "pos", "data", "optim", "logger", "experiment", "debug")
 # options that need a value the YAML cannot know
