@@ -192,7 +192,7 @@ METHOD_MARKERS = {"none": "o", "pi": "s", "ntk": "^", "dynamic_ntk": "v", "yarn"
 BASE_STYLES = ("-", "--", "-.", ":")  # RoPE scaling panels: one line style per unscaled variant (rope, rope+linear)
 
 
-def _new_figure(n_rows: int, n_cols: int, title: str):
+def new_figure(n_rows: int, n_cols: int, title: str):
     """A Figure with a grid of axes (rows x columns), drawn without pyplot's global state."""
     from matplotlib.figure import Figure  # heavy (about half a second): imported only when plots are drawn
 
@@ -240,7 +240,7 @@ def _log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
     return ticks[:: math.ceil(len(ticks) / most)]
 
 
-def _plain_log_axes(ax, lengths) -> None:
+def plain_log_axes(ax, lengths) -> None:
     """Freeze the limits of a log-log panel and give both axes plain-number ticks."""
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     _set_ticks(ax.xaxis, _length_ticks(x0, x1, lengths))
@@ -256,7 +256,7 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _series(rows: list[dict], field: str) -> dict:
+def series_over_seeds(rows: list[dict], field: str) -> dict:
     """(variant, protocol) -> {"lengths", "mean", "std", "seeds", "na"}: ``field`` over seeds at each length."""
     values = defaultdict(lambda: defaultdict(list))
     na = defaultdict(list)
@@ -279,16 +279,26 @@ def _series(rows: list[dict], field: str) -> dict:
     return out
 
 
+def variant_family(variant: str) -> str:
+    """The variant a sibling is shown beside: its name without the ``-<tag>`` of its first part, so
+    ``learned-32L`` goes with ``learned`` and ``sinusoidal-fairseq`` with ``sinusoidal`` (``rope+pi`` is its own)."""
+    head, *rest = variant.split("+")
+    return "+".join([head.split("-")[0], *rest])
+
+
 def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """Rows of panels: [(title, [(variant, legend label, line style key)])]: the schemes; then, if any variant
-    has a RoPE scaling method, those variants beside their unscaled base (rope, rope+linear) in a second row."""
+    """Rows of panels: [(title, [(variant, legend label, line style key)])]: the schemes (siblings such as
+    sinusoidal-fairseq beside their family); then, if any variant has a RoPE scaling method, those variants beside
+    their unscaled base (rope, rope+linear) in a second row."""
     method = {r["variant"]: r["rope_scaling"] for r in rows}
     base_of = {v: v[: -len(m) - 1] if m != "none" and v.endswith("+" + m) else v for v, m in method.items()}
     schemes = [v for v, m in method.items() if m == "none"]
-    panels = [("schemes", [(v, v, v) for v in schemes])]
+    families = list(dict.fromkeys(variant_family(v) for v in schemes))
+    schemes.sort(key=lambda v: families.index(variant_family(v)))  # stable: the order of the results otherwise
+    panels = [("schemes", [(v, v, variant_family(v)) for v in schemes])]
     scaled = [v for v, m in method.items() if m != "none"]
     if scaled:
-        bases = list(dict.fromkeys(base_of[v] for v in scaled))
+        bases = sorted(dict.fromkeys(base_of[v] for v in scaled), key=lambda b: b.count("+"))  # rope, then rope+linear
         curves = []
         for b in bases:
             if b in method:
@@ -298,43 +308,76 @@ def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, str]]]]:
     return panels
 
 
-def _length_figure(results: dict, rows: list[dict], field: str, ylabel: str, title: str):
-    """``field`` (ppl or ratio) against evaluation length: a column per protocol, a row of panels per _panels."""
+def _curve_styles(panel: str, curves: list, method: dict) -> tuple[dict, dict, dict]:
+    """(colour, line style, marker) per variant. Schemes: a colour per family, its siblings dashed. RoPE scaling:
+    a colour and marker per method, a line style per unscaled base."""
     import matplotlib  # heavy: imported only when plots are drawn
 
-    series = _series(rows, field)
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    keys = list(dict.fromkeys(k for _, _, k in curves))
+    if panel == "schemes":
+        cmap = matplotlib.colormaps["tab20" if len(keys) > 10 else "tab10"]
+        colors = {v: cmap(keys.index(k) % cmap.N) for v, _, k in curves}
+        return colors, {v: "-" if v == k else "--" for v, _, k in curves}, {v: "o" for v, _, _ in curves}
+    extra = iter(matplotlib.colormaps["tab10"].colors[4:])  # for a method without a colour of its own
+    colors = {v: METHOD_COLORS.get(method[v]) or next(extra) for v, _, _ in curves}
+    styles = {v: BASE_STYLES[keys.index(k) % len(BASE_STYLES)] for v, _, k in curves}
+    return colors, styles, {v: METHOD_MARKERS.get(method[v], "o") for v, _, _ in curves}
+
+
+def ratio_clip(peaks: list[float]) -> float | None:
+    """The top of a ratio panel when a few curves would squash the others against 1, else None. A curve is left
+    to run off the top when its peak ratio is beyond both 1.25 and the median peak cubed (in log space: three
+    times as far from 1); the top then sits just above the highest curve that stays."""
+    logs = [math.log(p) for p in peaks if p > 0 and math.isfinite(p)]
+    if not logs:
+        return None
+    limit = max(math.log(1.25), 3 * float(np.median(logs)))
+    kept = [x for x in logs if x <= limit]
+    return math.exp(max(kept)) * 1.08 if kept and len(kept) < len(logs) else None
+
+
+def _draw_panel(ax, curves: list, series: dict, protocol: str, styles: tuple, field: str) -> dict[str, float]:
+    """One panel's curves: mean over seeds with a ± std band. Returns each drawn variant's highest mean."""
+    colors, lines, markers = styles
+    peaks, low = {}, math.inf
+    for v, label, _ in curves:
+        s = series.get((v, protocol))
+        if s is None or not len(s["lengths"]):
+            continue
+        xs, m, sd = s["lengths"], s["mean"], s["std"]
+        if s["na"]:
+            label += f" (n/a beyond {int(xs.max())})"
+        ax.plot(xs, m, lines[v], marker=markers[v], ms=3.5, lw=1.4, color=colors[v], label=label)
+        if s["seeds"] > 1:  # the band never reaches zero, which a log axis cannot show
+            ax.fill_between(xs, np.maximum(m - sd, m / 2), m + sd, color=colors[v], alpha=0.15, lw=0)
+        peaks[v] = float(np.max(m))
+        low = min(low, float(np.min(np.maximum(m - sd, m / 2))))
+    top = ratio_clip(list(peaks.values())) if field == "ratio" else None
+    if top is not None:  # a curve far above the rest runs off the top; say where it went
+        off = [f"{v} (up to {p:.3g}×)" for v, p in peaks.items() if p > top]
+        ax.set_ylim(low / 1.02, top)
+        ax.text(0.02, 0.97, "off the top: " + ", ".join(off), transform=ax.transAxes, va="top", fontsize=7,
+                color="dimgrey")  # fmt: skip
+    return peaks
+
+
+def _length_figure(results: dict, rows: list[dict], field: str, ylabel: str, title: str, protocols=None):
+    """``field`` (ppl or ratio) against evaluation length: a column per protocol, a row of panels per _panels.
+    Ratio panels clip a curve far above the rest (ratio_clip) and name it, so it does not flatten the others."""
+    series = series_over_seeds(rows, field)
+    protocols = list(protocols or dict.fromkeys(r["protocol"] for r in rows))
     panels = _panels(rows)
     method = {r["variant"]: r["rope_scaling"] for r in rows}
     lengths = sorted({r["length"] for r in rows})
     train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
-    fig, axes = _new_figure(len(panels), len(protocols), title)
+    fig, axes = new_figure(len(panels), len(protocols), title)
     for (panel, curves), row_axes in zip(panels, axes, strict=True):
-        if panel == "schemes":
-            cmap = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
-            colors = {v: cmap(i % cmap.N) for i, (v, _, _) in enumerate(curves)}
-            styles = {v: "-" for v, _, _ in curves}
-        else:
-            extra = iter(matplotlib.colormaps["tab10"].colors[4:])  # for a method without a colour of its own
-            colors = {v: METHOD_COLORS.get(method[v]) or next(extra) for v, _, _ in curves}
-            bases = list(dict.fromkeys(b for _, _, b in curves))
-            styles = {v: BASE_STYLES[bases.index(b) % len(BASE_STYLES)] for v, _, b in curves}
+        styles = _curve_styles(panel, curves, method)
         for ax, protocol in zip(row_axes, protocols, strict=True):
-            drawn = 0
-            for v, label, _ in curves:
-                s = series.get((v, protocol))
-                if s is None or not len(s["lengths"]):
-                    continue
-                xs, m, sd = s["lengths"], s["mean"], s["std"]
-                if s["na"]:
-                    label += f" (n/a beyond {int(xs.max())})"
-                marker = "o" if panel == "schemes" else METHOD_MARKERS.get(method[v], "o")
-                ax.plot(xs, m, styles[v], marker=marker, ms=3.5, lw=1.4, color=colors[v], label=label)
-                if s["seeds"] > 1:  # the band never reaches zero, which a log axis cannot show
-                    ax.fill_between(xs, np.maximum(m - sd, m / 2), m + sd, color=colors[v], alpha=0.15, lw=0)
-                drawn += 1
             ax.set_title(f"{protocol}: {panel}", fontsize=10)
-            if not drawn:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # before drawing, so the limits are found (and clipped) in log space
+            if not _draw_panel(ax, curves, series, protocol, styles, field):
                 ax.text(0.5, 0.5, "no scored cells", ha="center", va="center", transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
@@ -342,9 +385,7 @@ def _length_figure(results: dict, rows: list[dict], field: str, ylabel: str, tit
                 ax.axvline(tl, color="grey", ls=":", lw=1)
             if field == "ratio":
                 ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            _plain_log_axes(ax, lengths)
+            plain_log_axes(ax, lengths)
             ax.set_xlabel("evaluation length (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
@@ -362,10 +403,13 @@ def ppl_vs_length_figure(results: dict):
     return _length_figure(results, results["results"], "ppl", "perplexity", title)
 
 
-def ppl_ratio_figure(results: dict):
-    """Perplexity / perplexity at the training length, per variant: mean with a std band over seeds."""
-    title = "Perplexity relative to the training length (mean ± std over seeds; dotted: training length)"
-    return _length_figure(results, _with_ratios(results["results"]), "ratio", "ppl / ppl at the training length", title)
+def ppl_ratio_figure(results: dict, protocols: list[str] | None = None):
+    """Perplexity / perplexity at the training length on a log-2 length axis, per variant: mean with a ± std band
+    over seeds; the schemes in one row of panels, the RoPE scalings beside plain RoPE in another; a column per
+    protocol (all of them, or ``protocols``)."""
+    title = "Perplexity per token / perplexity at the training length\n(mean ± std over seeds; dotted: training length)"
+    rows = _with_ratios(results["results"])
+    return _length_figure(results, rows, "ratio", "ppl / ppl at the training length", title, protocols)
 
 
 def has_ratios(results: dict) -> bool:
@@ -382,7 +426,7 @@ def per_position_figure(results: dict, bins: int = 24):
     for p in results["per_position"]:
         if p["rope_scaling"] == "none":
             curves[p["variant"]].append(p)
-    fig, axes = _new_figure(1, 1, "Per-position loss, nonoverlapping windows (dotted: training length)")
+    fig, axes = new_figure(1, 1, "Per-position loss, nonoverlapping windows (dotted: training length)")
     ax = axes[0][0]
     fig.set_size_inches(9, 4.5)
     cmap = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
@@ -412,18 +456,18 @@ def per_position_figure(results: dict, bins: int = 24):
 
 
 def plot_ppl_vs_length(results: dict, path: Path) -> None:
-    _save_fig(ppl_vs_length_figure(results), path)
+    save_fig(ppl_vs_length_figure(results), path)
 
 
-def plot_ppl_ratio(results: dict, path: Path) -> None:
-    _save_fig(ppl_ratio_figure(results), path)
+def plot_ppl_ratio(results: dict, path: Path, protocols: list[str] | None = None) -> None:
+    save_fig(ppl_ratio_figure(results, protocols), path)
 
 
 def plot_per_position(results: dict, path: Path, bins: int = 24) -> None:
-    _save_fig(per_position_figure(results, bins), path)
+    save_fig(per_position_figure(results, bins), path)
 
 
-def _save_fig(fig, path: Path) -> None:
+def save_fig(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
@@ -495,4 +539,3 @@ def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:
     notes = {(r["variant"], r["note"]) for r in rows if r["status"] == "n/a" and r["note"]}
     lines += [f"n/a: {v} {note.removeprefix('n/a ')}" for v, note in sorted(notes)]
     return "\n".join(lines)
-

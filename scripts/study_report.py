@@ -3,9 +3,10 @@
     python scripts/study_report.py studies/cpu                              # -> studies/cpu/eval/report.md
     python scripts/study_report.py studies/cpu --publish docs/extrapolation  # also copy report, tables, plots
 
-Reads <study>/eval/results.json and <study>/study.json (written by scripts/run_study.py). --publish copies
-report.md, results.md, results.csv, the two plots and study.json into the folder given (small files only: no
-checkpoints, no results.json).
+Reads <study>/eval/results.json and <study>/study.json (written by scripts/run_study.py) and writes report.md with
+its plot, ppl_ratio.png (or, for the extension study, `--preset extension`, its own report and extension_ppl.png).
+--publish copies report.md, results.md, results.csv, the plots and study.json into the folder given (small files
+only: no checkpoints, no results.json).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from roformer.extension_report import EXTENSION_PLOT  # noqa: E402
 from roformer.files import atomic_write  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
 
-PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
-             "per_position.png")
+PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_ratio.png", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
+             "per_position.png", EXTENSION_PLOT)  # fmt: skip
 
 
 def main() -> int:

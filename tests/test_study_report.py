@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from roformer.reporting import add_ratios
-from roformer.study_report import PAPER_RATIOS, nearest, ratio_stats, study_markdown, write_report
+from roformer.study_report import nearest, paper_ratio, ratio_stats, study_markdown, write_report
 
 L = 64
 MULTS = (1, 2, 4, 16)
@@ -25,6 +25,12 @@ PPL = {
 }
 
 
+def word_ppl(ppl: float) -> float:
+    """A word perplexity for a token one: 1024 tokens spell 800 words, so its log is 1.28 times the token one's;
+    times a made-up factor that grows with ppl, so a word ratio is not the token ratio to any fixed power."""
+    return ppl ** (1024 / 800) * (1 + ppl / 1000)
+
+
 def fake_results() -> dict:
     rows = []
     for (variant, seed), ppls in PPL.items():
@@ -34,7 +40,8 @@ def fake_results() -> dict:
                 ppl = ppls[0] * (p / ppls[0]) ** growth
                 rows.append(dict(label=f"pos={scheme},seed={seed}", variant=variant, scheme=scheme,
                                  rope_scaling=scaling, seed=seed, train_len=L, protocol=protocol, length=m * L,
-                                 status="ok", note="", ppl=ppl, tokens=1024))
+                                 status="ok", note="", ppl=ppl, tokens=1024, words=800,
+                                 word_ppl=word_ppl(ppl)))
     for seed in (0, 1):  # learned: scored at L only
         for protocol in ("nonoverlapping", "fixed_target"):
             for m in MULTS:
@@ -42,7 +49,8 @@ def fake_results() -> dict:
                 rows.append(dict(label=f"pos=learned,seed={seed}", variant="learned", scheme="learned",
                                  rope_scaling="none", seed=seed, train_len=L, protocol=protocol, length=m * L,
                                  status="ok" if ok else "n/a", note="" if ok else "n/a (table size 64)",
-                                 ppl=120.0 + seed if ok else None, tokens=1024))
+                                 ppl=120.0 + seed if ok else None, tokens=1024, words=800,
+                                 word_ppl=word_ppl(120.0 + seed) if ok else None))
     add_ratios(rows)
     model = {"n_layer": 2, "d_model": 32, "n_head": 2}
     ckpts = [dict(label=f"pos={s},seed={seed}", seed=seed, train_len=L, tokens_seen=4096, config={"model": model})
@@ -86,20 +94,84 @@ def test_nearest_multiplier_on_a_log_scale():
     assert nearest([1.5, 3], 2) == 1.5  # |log(0.75)| < |log(1.5)|
 
 
-def test_markdown_sets_ours_beside_the_paper():
+def paper_section(md: str) -> list[str]:
+    return md.split("## Beside the ALiBi paper")[1].split("\n## ")[0].splitlines()
+
+
+def test_markdown_sets_ours_beside_the_paper_in_word_level_ratios():
+    results = fake_results()
+    lines = paper_section(study_markdown(results))
+    assert "| variant | 2 L / ~2 L | 4 L / ~5 L | 16 L / ~24 L |" in lines
+    rope = next(x for x in lines if x.startswith("| rope |"))
+    # ours: word ppl at 16 L / word ppl at L per seed, then mean and std, computed here from the rows
+    by_seed = {(r["seed"], r["length"]): r["word_ppl"] for r in results["results"]
+               if r["variant"] == "rope" and r["protocol"] == "nonoverlapping"}  # fmt: skip
+    w = [by_seed[(s, 16 * L)] / by_seed[(s, L)] for s in (0, 1)]
+    t = [120.0 / 100.0, 121.0 / 110.0]  # the per-token ratios, which must not be what the cell shows
+    assert rope.endswith(f"| {np.mean(w):.3f} ± {np.std(w, ddof=1):.3f} / 3.5 |")
+    assert f"{np.mean(t):.3f}" not in rope and f"{np.mean(t):.2f}" not in rope
+    assert f"| {np.mean(w):.3f}" in rope and abs(np.mean(w) - np.mean(t)) > 0.01
+    # the paper's rotary ratio at ~2 L is computed from its perplexities, 21.37 / 20.07
+    assert "/ 1.065 |" in rope and paper_ratio("rope", 2) == pytest.approx(21.37 / 20.07)
+    assert "(not run) / 2.2 |" in next(x for x in lines if x.startswith("| sinusoidal |"))
+    assert "(not run) / 2.2 |" in next(x for x in lines if x.startswith("| sinusoidal-fairseq |"))
+    assert "word-level" in "\n".join(lines) and "1.28 tokens per word" in "\n".join(lines)
+
+
+def test_markdown_paper_scale_from_the_tokens_seen():
+    results = fake_results()
+    for c in results["checkpoints"]:
+        c["tokens_seen"] = 1_024_000
+    text = "\n".join(paper_section(study_markdown(results)))
+    assert "205 epochs of WikiText-103, about 2.1×10^10 tokens: some 21,000× the 1,024,000 tokens" in text
+    assert "100×" not in text and "100x" not in text
+
+
+def test_markdown_headline_is_per_token_and_sorted():
     md = study_markdown(fake_results())
     lines = md.splitlines()
-    paper_header = next(x for x in lines if x.startswith("| scheme |"))
-    assert paper_header == "| scheme | 2 L / ~2 L | 4 L / ~5 L | 16 L / ~24 L |"
-    rope = next(x for x in lines if x.startswith("| rope |") and "/ 1.07" in x)
+    assert "## Perplexity ratio to L, nonoverlapping (per token)" in lines
     s = ratio_stats(fake_results()["results"], "nonoverlapping")[("rope", 16.0)]
-    assert f"{s['mean']:.2f} ± {s['std']:.2f} / {PAPER_RATIOS['rope'][24]:.2f}" in rope
-    assert "(not run) / 2.20" in next(x for x in lines if x.startswith("| sinusoidal |"))
+    rope = next(x for x in lines if x.startswith("| rope |"))  # the headline's row comes first
+    assert rope.endswith(f"| {s['mean']:.2f} ± {s['std']:.2f} |")
     # the headline table: sorted by the ratio at the longest length, n/a last
     headline = md.split("## Perplexity ratio to L, nonoverlapping")[1].split("##")[0].splitlines()
     assert [x.split("|")[1].strip() for x in headline if x.startswith("| ")][1:] == ["alibi", "rope+ntk", "rope",
                                                                                   "learned"]
     assert "n/a | n/a | n/a" in next(x for x in lines if x.startswith("| learned |"))
+
+
+def with_new_variants(results: dict) -> dict:
+    """learned-32L (a table of 32 L: numbers beyond L) and sinusoidal-fairseq, two seeds each."""
+    rows = results["results"]
+    for variant, growth in (("learned-32L", 3.0), ("sinusoidal-fairseq", 2.0)):
+        scheme = variant.split("-")[0]
+        for seed in (0, 1):
+            for protocol in ("nonoverlapping", "fixed_target"):
+                for m in MULTS:
+                    ppl = (130.0 + seed) * m ** (growth / 10)
+                    rows.append(dict(label=f"pos={scheme},x,seed={seed}", variant=variant, scheme=scheme,
+                                     rope_scaling="none", seed=seed, train_len=L, protocol=protocol, length=m * L,
+                                     status="ok", note="", ppl=ppl, tokens=1024, words=800, word_ppl=word_ppl(ppl)))
+    add_ratios(rows)
+    return results
+
+
+def test_new_variants_stand_beside_their_family():
+    results = with_new_variants(fake_results())
+    md = study_markdown(results)
+    headline = md.split("## Perplexity ratio to L, nonoverlapping")[1].split("\n## ")[0].splitlines()
+    names = [x.split("|")[1].strip() for x in headline if x.startswith("| ")][1:]
+    assert names.index("learned") == names.index("learned-32L") + 1  # beside it, where learned-32L sorts
+    learned32 = next(x for x in headline if x.startswith("| learned-32L |"))
+    assert "n/a" not in learned32
+    fixed = md.split("## Fixed-target against nonoverlapping")[1].split("\n## ")[0]
+    assert "| sinusoidal-fairseq |" in fixed and "| learned-32L |" in fixed
+    paper = paper_section(md)
+    w = ratio_stats(results["results"], "nonoverlapping", field="word_ppl")[("sinusoidal-fairseq", 16.0)]
+    row = next(x for x in paper if x.startswith("| sinusoidal-fairseq |"))
+    assert row.endswith(f"| {w['mean']:.3f} ± {w['std']:.3f} / 18.6 |")
+    assert not any(x.startswith("| learned") for x in paper)  # the paper has no learned-32L counterpart
 
 
 def test_markdown_fixed_target_beside_nonoverlapping():
@@ -125,7 +197,10 @@ def test_write_report_with_the_study_record(tmp_path):
     assert report == tmp_path / "eval" / "report.md"
     assert "| wall time | 50.0 min (training 40.0 min, evaluation 10.0 min) |" in text
     assert "`abc123`" in text and "Failures" not in text
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.md", "results.json"]  # no temp files
+    # the published ratio plot, embedded in the report; no temp files
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["ppl_ratio.png", "report.md", "results.json"]
+    assert "![perplexity per token relative to L, nonoverlapping](ppl_ratio.png)" in text
+    assert "(ppl_vs_length.png)" not in text  # not written here (evaluate.py writes it): not embedded
 
 
 def test_write_report_without_results_names_the_file(tmp_path):
@@ -169,8 +244,10 @@ def test_run_study_end_to_end_and_continues(tmp_path):
     report = (study / "eval" / "report.md").read_text()
     stats = ratio_stats(results["results"], "nonoverlapping")
     a = stats[("rope", 16.0)]
-    assert a["n"] == 2 and f"{a['mean']:.2f} ± {a['std']:.2f} / 3.50" in report
-    assert "(not run) / 18.60" in report  # sinusoidal was not in this study
+    w = ratio_stats(results["results"], "nonoverlapping", field="word_ppl")[("rope", 16.0)]
+    assert a["n"] == 2 and f"{w['mean']:.3f} ± {w['std']:.3f} / 3.5 |" in report
+    assert "(not run) / 18.6 |" in report  # sinusoidal was not in this study
+    assert (study / "eval" / "ppl_ratio.png").is_file() and "![" in report and "(ppl_ratio.png)" in report
     r2 = subprocess.run(cmd, **env_cmd)  # continues: every run already has its last checkpoint
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert r2.stdout.count("already trained") == 4
