@@ -41,7 +41,11 @@ class _CrossEntropy(torch.autograd.Function):
         safe = torch.where(valid, targets, 0)
         n = valid.sum().clamp_min(1) if reduction == "mean" else None
         losses = torch.empty(N, dtype=torch.float32, device=logits.device)
-        grad = torch.empty_like(logits) if want_grad else None
+        # the gradient is kept in the logits' dtype, except fp16: its range would turn GradScaler's scale (65536) into
+        # inf in the backward, and flush most of (softmax - onehot) / n to zero before the scale lifts it
+        ctx.out_dtype = logits.dtype
+        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        grad = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device) if want_grad else None
         # CPU: 2 MB of fp32 per block, so it stays in L2 (faster than larger blocks; figures in docs/performance.md);
         # GPU: a few large blocks
         rows = max(1, (1 << 19 if logits.device.type == "cpu" else 1 << 26) // V)
@@ -68,12 +72,12 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            return grad * g[:, None].to(grad.dtype), None, None, None
+            return (grad * g[:, None].to(grad.dtype)).to(ctx.out_dtype), None, None, None
         # loss.backward(): skip a pass over N x V (no sync on CPU). Not under torch.compile: .item() would break
         # the graph before the loss, and torch 2.13 then replays the logits' aliases wrongly from its cache.
         if g.device.type == "cpu" and not torch.compiler.is_compiling() and g.item() == 1.0:
-            return grad, None, None, None
-        return grad * g.to(grad.dtype), None, None, None
+            return grad.to(ctx.out_dtype), None, None, None
+        return (grad * g.to(grad.dtype)).to(ctx.out_dtype), None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = -100):

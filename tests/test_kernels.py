@@ -46,6 +46,22 @@ def test_cross_entropy_is_exact_for_targets_far_below_the_best_logit():
     assert ours[0].item() == pytest.approx(210.0, rel=1e-6) and ours[1].item() == 0.0
 
 
+@pytest.mark.parametrize("scale", [1024.0, 65536.0])
+def test_cross_entropy_gradient_of_fp16_logits_survives_loss_scaling(scale):
+    """GradScaler multiplies the loss by up to 65536 (inf in fp16) and the per-token gradients are ~1 / (N V): the
+    backward must scale in fp32 and round once, or the first fp16 step is always skipped and most entries are 0."""
+    torch.manual_seed(0)
+    N, V = 4096, 512
+    logits = (torch.randn(N, V) * 2).half().requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    (cross_entropy(logits, targets) * scale).backward()
+    ref = logits.detach().float().requires_grad_()
+    (F.cross_entropy(ref, targets) * scale).backward()
+    assert logits.grad.dtype == torch.float16 and torch.isfinite(logits.grad).all()
+    assert (logits.grad != 0).float().mean() > 0.99  # ~1e-6 x 1024 is representable once scaled first
+    torch.testing.assert_close(logits.grad.float(), ref.grad, rtol=2e-3, atol=1e-3 * scale / (N * V) + 1e-7)
+
+
 def test_cross_entropy_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="reduction='avg'"):
         cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "avg")
