@@ -309,6 +309,8 @@ def main() -> int:
                     "configs/run_study.yaml)")
     ap.add_argument("--logger", default="wandb", choices=["wandb", "none"])
     ap.add_argument("--skip-train", action="store_true", help="only evaluate what is in <out>/runs")
+    ap.add_argument("--base", default=None, help="the base study folder a preset's runs start from (default: the "
+                    "preset's base, e.g. studies/cpu for --preset extension)")
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides for every run (after --)")
     args = ap.parse_args()
     try:
@@ -324,6 +326,8 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else study.preset.seeds
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
+    if args.base is not None:
+        study.preset.base = args.base
     try:
         check_base(study, variants, seeds)
     except ValueError as e:
