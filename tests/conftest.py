@@ -170,3 +170,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Preparing data fails the test: a refusal (of a resume, of an init_from) must come before any data work."""
+    from roformer import training  # like the other imports here that only some fixtures need
+
+    def prepare(*a, **k):
+        raise AssertionError("the data was prepared before the run was refused")
+
+    monkeypatch.setattr(training, "prepare", prepare)

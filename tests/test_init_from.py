@@ -107,14 +107,6 @@ def test_rope_context_extension_fine_tunes_at_four_times_the_length(source, toy_
     assert ckpt_lib.model_from_checkpoint(ck).pos.cfg.scaling == RopeScaling.pi
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    def prepare(*a, **k):
-        raise AssertionError("the data was prepared before the fine-tune was refused")
-
-    monkeypatch.setattr(training, "prepare", prepare)
-
-
 @pytest.mark.parametrize("override, named", [
     ("model.d_model=32", "model.d_model=64 in the checkpoint, 32 in this run"),
     ("model.n_layer=3", "model.n_layer=2 in the checkpoint, 3 in this run"),

@@ -24,7 +24,6 @@ from conftest import REPO, markov_tokens, read_metrics, tiny_config
 from tokenizers import Tokenizer, models
 
 from roformer import checkpoint as ckpt_lib
-from roformer import training
 from roformer.resume import check_run
 from roformer.training import train
 
@@ -64,15 +63,6 @@ def base(toy_data, tmp_path_factory) -> Path:
 def run(base, tmp_path) -> Path:
     """A copy of the base run to resume."""
     return Path(shutil.copytree(base, tmp_path / "run"))
-
-
-@pytest.fixture
-def no_data(monkeypatch):
-    """Preparing data fails the test: a refusal must come before any data work."""
-    def prepare(*a, **k):
-        raise AssertionError("the data was prepared before the resume was refused")
-
-    monkeypatch.setattr(training, "prepare", prepare)
 
 
 # ----------------------------------------------------------------------------------------------------------
