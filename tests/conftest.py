@@ -66,6 +66,17 @@ def toy_data():
 
 
 @pytest.fixture(scope="session")
+def toy_data_other_tokenizer(toy_data):
+    """toy_data's splits re-tokenized by another (32-word) tokenizer: what a checkpoint of toy_data must refuse."""
+    vocab = 32
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    splits = {name: type(s)(name=name, tokens=markov_tokens(len(s.tokens), vocab, i), doc_offsets=s.doc_offsets,
+                            eod_id=0, meta=s.meta) for i, (name, s) in enumerate(toy_data.splits.items())}
+    return type(toy_data)(tokenizer=tok, tokenizer_json=tok.to_str(), vocab_size=vocab, eod_id=0, splits=splits,
+                          cache_path=Path("toy32"), meta={"tokenizer_hash": "toy32"})
+
+
+@pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> list[str]:
     """CLI overrides for a small text_files corpus (20 documents of a 16-word language) cached in a tmp dir."""
     root = tmp_path_factory.mktemp("corpus")

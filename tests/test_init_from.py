@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, markov_tokens, read_metrics, tiny_config
-from tokenizers import Tokenizer, models
+from conftest import REPO, read_metrics, tiny_config
 
 from roformer import checkpoint as ckpt_lib
 from roformer import training
@@ -128,13 +127,8 @@ def test_what_the_weights_do_not_depend_on_may_change(source, toy_data, tmp_path
     assert ckpt_lib.load_checkpoint(tmp_path / "run")["step"] == 1
 
 
-def test_another_tokenizer_is_refused(source, toy_data, tmp_path):
-    vocab = 32
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    splits = {name: type(s)(name=name, tokens=markov_tokens(len(s.tokens), vocab, i), doc_offsets=s.doc_offsets,
-                            eod_id=0, meta=s.meta) for i, (name, s) in enumerate(toy_data.splits.items())}
-    other = type(toy_data)(tokenizer=tok, tokenizer_json=tok.to_str(), vocab_size=vocab, eod_id=0, splits=splits,
-                           cache_path=Path("toy32"), meta={"tokenizer_hash": "toy32"})
+def test_another_tokenizer_is_refused(source, toy_data_other_tokenizer, tmp_path):
+    other = toy_data_other_tokenizer
     run = tmp_path / "run"
     with pytest.raises(ValueError) as e:
         train(tiny_config(f"trainer.init_from={source}"), run, data=other)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, markov_tokens, read_metrics, tiny_config
-from tokenizers import Tokenizer, models
+from conftest import REPO, read_metrics, tiny_config
 
 from roformer import checkpoint as ckpt_lib
 from roformer.resume import check_run
@@ -154,13 +153,8 @@ def test_overrides_are_accepted_logged_and_recorded_across_resumes(run, toy_data
     assert steps == list(range(1, 9))
 
 
-def test_a_tokenizer_change_cannot_be_overridden(run, toy_data):
-    vocab = 32
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    splits = {name: type(s)(name=name, tokens=markov_tokens(len(s.tokens), vocab, i), doc_offsets=s.doc_offsets,
-                            eod_id=0, meta=s.meta) for i, (name, s) in enumerate(toy_data.splits.items())}
-    other = type(toy_data)(tokenizer=tok, tokenizer_json=tok.to_str(), vocab_size=vocab, eod_id=0, splits=splits,
-                           cache_path=Path("toy32"), meta={"tokenizer_hash": "toy32"})
+def test_a_tokenizer_change_cannot_be_overridden(run, toy_data_other_tokenizer):
+    other = toy_data_other_tokenizer
     with pytest.raises(ValueError) as e:
         train(tiny_config("data.split_seed=1", "trainer.resume_override=[data.split_seed]", "trainer.resume=auto"),
               run, data=other)
