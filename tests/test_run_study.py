@@ -209,3 +209,53 @@ def test_a_bad_study_config_fails_in_one_line(tmp_path, monkeypatch, file, old, 
     with pytest.raises(ValueError) as e:
         run_study.load_study("quick")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_placeholders_are_filled_per_seed_and_training_length():
+    study = run_study.load_study("cpu")
+    assert study.seq_len == 128
+    assert study.overrides("learned-32L", 0, None) == ["pos=learned", "pos.max_len=4096"]
+    assert study.run_name("learned-32L", 1) == "pos=learned,pos.max_len=4096,seed=1"
+    assert run_study.expand("a={base}/s{seed}/{0.5L}", seed=2, base=Path("/b"), seq_len=128) == "a=/b/s2/64"
+    with pytest.raises(ValueError, match="is not a whole number"):
+        run_study.expand("x={0.3L}", seed=0, base=None, seq_len=128)
+    with pytest.raises(ValueError, match=r"names \{base\} but the preset sets no base study"):
+        run_study.expand("x={base}", seed=0, base=None, seq_len=128)
+
+
+def fake_base(base: Path, seeds) -> None:
+    for seed in seeds:
+        ck = base / "runs" / f"pos=rope,seed={seed}" / "checkpoints"
+        ck.mkdir(parents=True)
+        (ck / "last.pt").write_bytes(b"")
+
+
+def test_the_extension_preset_fine_tunes_the_base_rope_runs_and_scores_them_too(tmp_path, monkeypatch):
+    base, out = tmp_path / "cpu", tmp_path / "ext"
+    fake_base(base, [0, 1])
+    rc, cmds = run_main(monkeypatch, ["--preset", "extension", "--base", str(base), "--out", str(out),
+                                      "--seeds", "0,1", "--logger", "none"])  # fmt: skip
+    assert rc == 0 and len(cmds) == 4 * 2 + 1
+    pi = cmds[1]  # seed 0, rope+pi-ft
+    assert pi[2:9] == ["experiment=extension", "pos=rope", f"trainer.init_from='{base}/runs/pos=rope,seed=0'",
+                       "pos.scaling=pi", "pos.scaling_factor=4", "pos.original_len=128", "seed=0"]  # fmt: skip
+    assert pi[-1] == f"hydra.run.dir='{out}/runs/variant=rope+pi-ft,seed=0'"
+    assert cmds[4][4] == f"trainer.init_from='{base}/runs/pos=rope,seed=1'"  # seed-major
+    evaluate = cmds[-1]
+    assert evaluate[2] == f"ckpt=['{out}/runs','{base}/runs/pos=rope,seed=0','{base}/runs/pos=rope,seed=1']"
+    assert "eval.lengths=[128,256,512,1024,2048,4096]" in evaluate
+    assert "eval.rope_scaling=[none,pi,ntk,yarn]" in evaluate
+    assert not any(a.startswith("eval.multipliers") for a in evaluate)
+
+
+def test_the_extension_preset_without_its_base_study_fails_in_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "cpu"
+    fake_base(base, [0])
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, ["--preset", "extension", "--base", str(base), "--out", str(tmp_path / "ext"),
+                               "--seeds", "0,1"])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: the base study has no checkpoint at {base}/runs/pos=rope,seed=1 (1 missing); train it "
+                        f"first: python scripts/run_study.py --out {base} --seeds 0,1")  # fmt: skip
+    assert not (tmp_path / "ext").exists()
