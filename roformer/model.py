@@ -137,6 +137,42 @@ class KVCache:
         return buf[0][:, :, : n + T], buf[1][:, :, : n + T]
 
 
+class DecodeWeights:
+    """The weight matrices of the linear layers (each block's qkv, proj, fc, mlp proj, then the LM head) in the
+    layout one decoding step reads fastest; :meth:`TransformerLM.decode_weights` builds them once and reuses them
+    while the weights stay the same.
+
+    A decoding step multiplies one row per sequence by every matrix, so on a CPU it is bound by reading the weights
+    (21 MB in fp32 for the default model, more than the caches keep), not by arithmetic. There that product runs
+    about twice as fast on a contiguous (in, out) copy, multiplied as ``x @ W``, as on nn.Linear's (out, in) weight
+    through ``F.linear`` (figures in docs/performance.md), so on CPU this holds such copies: one more copy of the
+    linear weights in memory while the model decodes. On other devices it holds the weights themselves.
+
+    The copies are keyed by each weight's storage and version counter, which an optimizer step, ``load_state_dict``
+    and ``model.to(...)`` all change. A write through ``weight.data`` changes neither: call
+    ``model.train()`` or ``model.drop_decode_weights()`` after one.
+    """
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        self.key = self.key_of(weights)
+        self.transposed = weights[0].device.type == "cpu"
+        # normal tensors even when built under inference_mode, so a later call outside it may still use them
+        with torch.inference_mode(False), torch.no_grad():
+            self.mats = [w.detach().t().contiguous() if self.transposed else w for w in weights]
+
+    @staticmethod
+    def key_of(weights: list[torch.Tensor]) -> tuple:
+        return tuple((w.data_ptr(), w._version) for w in weights)
+
+    def linear(self, x: torch.Tensor, i: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, weight i, bias)`` for x (..., in), equal up to float rounding (the sums run in another order)."""
+        if not self.transposed:
+            return F.linear(x, self.mats[i], bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ self.mats[i] if bias is None else torch.addmm(bias, x2, self.mats[i])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -159,18 +195,18 @@ class CausalSelfAttention(nn.Module):
             y = self._softmax(q, k, v, pos, ctx)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def step(self, x, pos: PositionalScheme, ctx: PosContext, cache: KVCache) -> torch.Tensor:
+    def step(self, x, pos: PositionalScheme, ctx: PosContext, cache: KVCache, w: DecodeWeights) -> torch.Tensor:
         """forward() for softmax attention without a bias, one query per row after a cache (it sees every key, so
-        no mask), in eval mode: the same kernels on the same operands, without module calls."""
+        no mask), in eval mode: the same operations without module calls, the projections through ``w``."""
         B, T, C = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = w.linear(x, 4 * self.layer, self.qkv.bias)
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if ctx.qk_scale != 1.0:
             q, k = q * ctx.qk_scale, k * ctx.qk_scale
         q, k, v = pos.rotate(q, k, v, ctx)
         k, v = cache.append(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v)
-        return F.linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, self.proj.bias)
+        return w.linear(y.transpose(1, 2).reshape(B, T, C), 4 * self.layer + 1, self.proj.bias)
 
     def _softmax(self, q, k, v, pos, ctx):
         p = self.cfg.dropout if self.training else 0.0
@@ -264,14 +300,14 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln_1(x), pos, ctx, cache))
         return x + self.mlp(self.ln_2(x))
 
-    def step(self, x, pos, ctx, cache):
+    def step(self, x, pos, ctx, cache, w: DecodeWeights):
         """forward() for one decoding step in eval mode (dropout is the identity): see TransformerLM.decode_step."""
-        ln_1, ln_2, mlp = self.ln_1, self.ln_2, self.mlp
+        ln_1, ln_2, mlp, i = self.ln_1, self.ln_2, self.mlp, 4 * self.attn.layer
         h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
-        x = x + self.attn.step(h, pos, ctx, cache)
+        x = x + self.attn.step(h, pos, ctx, cache, w)
         h = F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
-        h = F.linear(h, mlp.fc.weight, mlp.fc.bias)
-        return x + F.linear(F.gelu(h, approximate=mlp.approximate), mlp.proj.weight, mlp.proj.bias)
+        h = w.linear(h, i + 2, mlp.fc.bias)
+        return x + w.linear(F.gelu(h, approximate=mlp.approximate), i + 3, mlp.proj.bias)
 
 
 class TransformerLM(nn.Module):
@@ -287,6 +323,7 @@ class TransformerLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self._decode_weights: DecodeWeights | None = None  # built by the first decode_step
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
@@ -311,6 +348,25 @@ class TransformerLM(nn.Module):
         if not self.cfg.tie_embeddings:  # the input embedding is a lookup, not a matmul
             n -= self.wte.weight.numel()
         return 6 * n + 12 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+    def decode_weights(self) -> DecodeWeights:
+        """The linear weights as :meth:`decode_step` reads them, rebuilt when any of them changed."""
+        ws = [m.weight for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+        ws.append(self.lm_head.weight)
+        dw = self._decode_weights
+        if dw is None or dw.key != DecodeWeights.key_of(ws):
+            self._decode_weights = None  # free the old copies before making the new ones
+            dw = self._decode_weights = DecodeWeights(ws)
+        return dw
+
+    def drop_decode_weights(self) -> None:
+        """Free the copies of the weights that decoding keeps (they are rebuilt on the next :meth:`decode_step`)."""
+        self._decode_weights = None
+
+    def train(self, mode: bool = True):
+        if mode:  # training changes the weights: the decoding copies would be stale and take memory meanwhile
+            self.drop_decode_weights()
+        return super().train(mode)
 
     @contextmanager
     def scaled_positions(self, kind: RopeScaling, factor: float, original_len: int) -> Iterator[bool]:
@@ -390,12 +446,13 @@ class TransformerLM(nn.Module):
         return logits, self._loss(logits, targets, reduction)
 
     def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, 1, V) of one new token per row placed after ``cache``: exactly what ``forward(idx,
-        cache=cache)[0]`` returns (same kernels, same operands), and the cache grows the same way.
+        """Logits (B, 1, V) of one new token per row placed after ``cache``: what ``forward(idx, cache=cache)[0]``
+        returns, up to float rounding (exactly, off CPU), and the cache grows the same way.
 
-        Decoding a small model on a CPU is bound by per-token overhead, not arithmetic, so this path skips what
-        one query after a cache does not need: module calls, dropout, the mask and the cache bookkeeping of the
-        general forward. It applies in eval mode to softmax attention without a score bias and a scheme whose
+        Decoding a small model on a CPU is bound by reading the weights and by per-token overhead, not by
+        arithmetic, so this path multiplies by the weights in the layout a single row reads fastest
+        (:class:`DecodeWeights`) and skips what one query after a cache does not need: module calls, dropout,
+        the mask and the cache bookkeeping of the general forward. It applies in eval mode to softmax attention without a score bias and a scheme whose
         cache stays valid; anything else (and an empty cache) goes through ``forward``. Call it without autograd
         (``torch.inference_mode()``), as :func:`roformer.generation.generate` does.
         """
@@ -415,10 +472,11 @@ class TransformerLM(nn.Module):
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype
         ctx = self.pos.context(q_pos, k_pos, n + 1, dtype)
         ctx.is_causal = False  # as in forward: a lone query after the cache sees every key, no mask
+        w = self.decode_weights()
         x = self.pos.embed(self.wte(idx), ctx)
         for block in self.blocks:
-            x = block.step(x, self.pos, ctx, cache)
-        logits = self.lm_head(self.ln_f(x))
+            x = block.step(x, self.pos, ctx, cache, w)
+        logits = w.linear(self.ln_f(x), len(w.mats) - 1, None)
         cache.ids = torch.cat((cache.ids, idx), dim=1)
         cache.positions, cache.n_pos = k_pos, n + 1
         return logits

@@ -313,7 +313,8 @@ def test_scaled_positions_on_schemes_without_rope():
 
 @pytest.mark.parametrize("name, attention", CASES)
 def test_decode_step_equals_the_cached_forward(name, attention):
-    """The fast one-token path gives exactly the cached forward's logits and leaves the same cache."""
+    """The fast one-token path gives the cached forward's logits (on CPU up to float rounding: it multiplies by
+    transposed copies of the weights, summing in another order) and leaves the same cache."""
     model = tiny(name, attention).eval()
     x = torch.randint(0, 64, (2, 12))
     with torch.inference_mode():
@@ -323,6 +324,62 @@ def test_decode_step_equals_the_cached_forward(name, attention):
         for t in range(8, 12):
             a = model.decode_step(x[:, t : t + 1], fast)
             b, _ = model(x[:, t : t + 1], cache=slow)
-            assert torch.equal(a, b), t
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"position {t}")
         assert torch.equal(fast.positions, slow.positions) and fast.n_pos == slow.n_pos == 12
         assert torch.equal(fast.ids, slow.ids)
+        for layer, (k, v) in fast.layers.items():
+            torch.testing.assert_close(k[:, :, :12], slow.layers[layer][0][:, :, :12], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(v[:, :, :12], slow.layers[layer][1][:, :, :12], rtol=1e-5, atol=1e-6)
+
+
+def decode_after(model, x):
+    """(decode_step's logits, the forward's) for the last token of x after a cache of the others."""
+    with torch.inference_mode():
+        cache = KVCache()
+        model(x[:, :-1], cache=cache)
+        return model.decode_step(x[:, -1:], cache), model(x)[0][:, -1:]
+
+
+def test_decode_weights_follow_the_weights():
+    """The decoding copies are reused while the weights stay the same and rebuilt after an optimizer step, a
+    load_state_dict and a dtype change, so decode_step always multiplies by the current weights."""
+    model = tiny("rope").eval()
+    x = torch.randint(0, 64, (1, 10))
+    decode_after(model, x)
+    first = model._decode_weights
+    a, b = decode_after(model, x)
+    assert model._decode_weights is first  # unchanged weights: reused, not copied again
+    # an optimizer step (in place, outside inference mode)
+    model.train()
+    assert model._decode_weights is None  # training drops them
+    loss = model(x, x)[1]
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=10.0).step()
+    model.eval()
+    a2, b2 = decode_after(model, x)
+    assert (b2 - b).abs().max() > 1e-2  # the step moved the logits...
+    torch.testing.assert_close(a2, b2, rtol=1e-5, atol=1e-6)  # ...and decoding follows them
+    # load_state_dict with the weights of another model, without a train() in between
+    other = tiny("rope", seed=1).eval()
+    model.load_state_dict(other.state_dict())
+    a3, b3 = decode_after(model, x)
+    torch.testing.assert_close(a3, decode_after(other, x)[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a3, b3, rtol=1e-5, atol=1e-6)
+    # another dtype: new storage
+    model.to(torch.float64)
+    a4, b4 = decode_after(model, x)
+    assert a4.dtype == torch.float64 and model._decode_weights.mats[0].dtype == torch.float64
+    torch.testing.assert_close(a4, b4)
+
+
+def test_decode_weights_are_transposed_copies_on_cpu():
+    model = tiny("rope", bias=True).eval()
+    w = model.decode_weights()
+    linears = [m for blk in model.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj)]
+    assert len(w.mats) == len(linears) + 1 and w.transposed
+    for i, m in enumerate(linears):
+        assert torch.equal(w.mats[i], m.weight.t()) and w.mats[i].is_contiguous()
+        assert w.mats[i].data_ptr() != m.weight.data_ptr()
+        h = torch.randn(3, 1, m.in_features)
+        torch.testing.assert_close(w.linear(h, i, m.bias), m(h))
+    assert torch.equal(w.mats[-1], model.lm_head.weight.t())
