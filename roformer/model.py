@@ -153,9 +153,12 @@ class DecodeWeights:
     ``model.train()`` or ``model.drop_decode_weights()`` after one.
     """
 
+    # the CPU layout switch, for A/B timing (scripts/benchmark_generate.py); takes effect at the next rebuild
+    transpose_on_cpu = True
+
     def __init__(self, weights: list[torch.Tensor]) -> None:
         self.key = self.key_of(weights)
-        self.transposed = weights[0].device.type == "cpu"
+        self.transposed = weights[0].device.type == "cpu" and DecodeWeights.transpose_on_cpu
         # normal tensors even when built under inference_mode, so a later call outside it may still use them
         with torch.inference_mode(False), torch.no_grad():
             self.mats = [w.detach().t().contiguous() if self.transposed else w for w in weights]
@@ -165,7 +168,8 @@ class DecodeWeights:
         return tuple((w.data_ptr(), w._version) for w in weights)
 
     def linear(self, x: torch.Tensor, i: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear(x, weight i, bias)`` for x (..., in), equal up to float rounding (the sums run in another order)."""
+        """``F.linear(x, weight i, bias)`` for x (..., in); on CPU equal up to float rounding (another summation
+        order)."""
         if not self.transposed:
             return F.linear(x, self.mats[i], bias)
         x2 = x.reshape(-1, x.shape[-1])
@@ -452,9 +456,10 @@ class TransformerLM(nn.Module):
         Decoding a small model on a CPU is bound by reading the weights and by per-token overhead, not by
         arithmetic, so this path multiplies by the weights in the layout a single row reads fastest
         (:class:`DecodeWeights`) and skips what one query after a cache does not need: module calls, dropout,
-        the mask and the cache bookkeeping of the general forward. It applies in eval mode to softmax attention without a score bias and a scheme whose
-        cache stays valid; anything else (and an empty cache) goes through ``forward``. Call it without autograd
-        (``torch.inference_mode()``), as :func:`roformer.generation.generate` does.
+        the mask and the cache bookkeeping of the general forward. It applies in eval mode to softmax attention
+        without a score bias and a scheme whose cache stays valid; anything else (and an empty cache) goes through
+        ``forward``. Call it without autograd (``torch.inference_mode()``), as :func:`roformer.generation.generate`
+        does.
         """
         n = cache.n_pos
         if (

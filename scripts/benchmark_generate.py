@@ -3,6 +3,8 @@
     python scripts/benchmark_generate.py                                 # random default model (model=small)
     python scripts/benchmark_generate.py --ckpt /tmp/default_run         # a checkpoint, and its HF export
     python scripts/benchmark_generate.py --prompt-len 256 --new-tokens 256 --runs 5 --threads 2
+    python scripts/benchmark_generate.py --ckpt /tmp/default_run --layout-ab   # + decoding through F.linear
+    python scripts/benchmark_generate.py --ckpt /tmp/default_run --no-hf --runs 1 --profile 200   # where time goes
 
 Batch 1, greedy, no early stop: every run decodes exactly --new-tokens tokens after a --prompt-len token prompt.
 Prints tokens/s as the median over --runs runs (min-max beside it), counting the new tokens over the wall time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from roformer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from roformer.generation import generate  # noqa: E402
-from roformer.model import ModelConfig, TransformerLM  # noqa: E402
+from roformer.model import DecodeWeights, KVCache, ModelConfig, TransformerLM  # noqa: E402
 from roformer.positional import PosConfig  # noqa: E402
 
 
@@ -82,6 +84,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    ap.add_argument("--layout-ab", action="store_true",
+                    help="also time our decoding with the (out, in) weights through F.linear (CPU)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N decoding steps after the prompt with torch.profiler and print the top ops")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -101,11 +107,18 @@ def main() -> None:
     ours(model, prompt, 8)  # warm-up: allocator, kernels, RoPE tables
     if hf is not None:
         hf_generate(hf, prompt, 8)
-    total, decode, theirs = [], [], []
+    total, decode, linear, theirs = [], [], [], []
     for _ in range(a.runs):
         t, d = ours(model, prompt, a.new_tokens)
         total.append(a.new_tokens / t)
         decode.append((a.new_tokens - 1) / d)
+        if a.layout_ab:  # the same decoding with nn.Linear's (out, in) weights through F.linear
+            DecodeWeights.transpose_on_cpu = False
+            model.drop_decode_weights()
+            linear.append(a.new_tokens / ours(model, prompt, a.new_tokens)[0])
+            DecodeWeights.transpose_on_cpu = True
+            model.drop_decode_weights()
+            ours(model, prompt, 1)  # rebuild the copies outside the timed runs, as the warm-up did
         if hf is not None:
             theirs.append(a.new_tokens / hf_generate(hf, prompt, a.new_tokens))
 
@@ -114,11 +127,36 @@ def main() -> None:
 
     print(f"roformer generate      {fmt(total)}")
     print(f"roformer decode only   {fmt(decode)}")
+    if linear:
+        print(f"roformer, F.linear     {fmt(linear)}  (weights as nn.Linear holds them: "
+              f"{statistics.median(total) / statistics.median(linear):.2f}x slower)")
     if hf is None:
         print(f"transformers generate  skipped: {why}")
     else:
         print(f"transformers generate  {fmt(theirs)}  ({type(hf).__name__})")
         print(f"ratio roformer / transformers: {statistics.median(total) / statistics.median(theirs):.2f}x")
+    if a.profile:
+        profile_decoding(model, prompt, a.profile)
+
+
+@torch.inference_mode()
+def profile_decoding(model, prompt: list[int], steps: int) -> None:
+    """Where one decoding step's time goes: operators by self CPU time over ``steps`` steps after the prompt."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    cache = KVCache(capacity=len(prompt) + steps + 8)
+    logits, _ = model(torch.tensor([prompt]), cache=cache)
+    tok = logits[:, -1:].argmax(-1)
+    for _ in range(8):  # warm-up (and the decoding copies of the weights)
+        tok = model.decode_step(tok, cache)[:, -1:].argmax(-1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = model.decode_step(tok, cache)[:, -1:].argmax(-1)
+        wall = time.perf_counter() - t0
+    print(f"\nprofile: {steps} decoding steps after {len(prompt)} tokens, {wall / steps * 1e3:.2f} ms per step "
+          "under the profiler (which adds its own overhead per op)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """scripts/benchmark.py on a toy shape: one row per (scheme, compile setting), paired ratios, JSON output; and
-its --ref loader, which imports another checkout of the package beside this one."""
+its --ref loader, which imports another checkout of the package beside this one. scripts/benchmark_generate.py's
+rows."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig
@@ -67,3 +71,24 @@ def test_load_ref_refuses_a_path_without_the_package(tmp_path):
     r = subprocess.run([sys.executable, "-c", _LOAD_REF, str(ROOT / "scripts"), str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert r.returncode != 0 and f"--ref {tmp_path}: roformer" in r.stderr and "checkout's root" in r.stderr
+
+
+def test_benchmark_generate_prints_both_layouts_a_profile_and_why_hf_is_skipped():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_generate.py"), "--prompt-len", "8", "--new-tokens", "6",
+         "--runs", "3", "--threads", "1", "--no-hf", "--layout-ab", "--profile", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rates = {}
+    for line in r.stdout.splitlines():
+        for label in ("roformer generate", "roformer decode only", "roformer, F.linear"):
+            if line.startswith(label):
+                median, lo, hi = (float(x) for x in re.findall(r"\d+\.\d+", line)[:3])
+                assert 0 < lo <= median <= hi and "3 runs" in line
+                rates[label] = median
+    assert len(rates) == 3, r.stdout
+    ratio = float(re.search(r"(\d+\.\d+)x slower", r.stdout).group(1))
+    assert ratio == pytest.approx(rates["roformer generate"] / rates["roformer, F.linear"], abs=0.01)
+    assert "transformers generate  skipped: --no-hf" in r.stdout
+    assert "profile: 4 decoding steps after 8 tokens" in r.stdout and "aten::mm" in r.stdout
