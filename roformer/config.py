@@ -1,9 +1,9 @@
 """Hydra's face: the run schemas registered with the ConfigStore, and DictConfig -> plain dataclasses, once.
 
 Each schema lives beside the code that reads it: ``ModelConfig`` in model.py, ``PosConfig`` in positional.py,
-``DataConfig`` in data/config.py, ``LoggerConfig`` in logger.py, ``OptimConfig``/``TrainerConfig`` and the
-whole run's ``TrainConfig`` in training.py, ``EvalSettings`` in evaluation.py and evaluate.py's ``EvalConfig``
-in eval_run.py. This module only composes them for Hydra and is imported by the entry points alone.
+``DataConfig`` in data/config.py, ``LoggerConfig`` in logger.py, ``OptimConfig`` in optim.py, ``TrainerConfig``
+and the whole run's ``TrainConfig`` in train_config.py, ``EvalSettings`` in evaluation.py and evaluate.py's
+``EvalConfig`` in eval_run.py. This module only composes them for Hydra and is imported by the entry points alone.
 
 Validation happens in two layers. Types and allowed values come from the dataclasses:
 Hydra rejects an unknown key, a wrong type or a value outside an Enum while composing, before any work. Rules

@@ -1,13 +1,14 @@
 """What a resumed run may change, checked before any work, and what it carries over.
 
 A run is defined by its seed, its model (``model.*``), its positional scheme (``pos.*``), its tokens (the ``data.*``
-settings that change them, and the tokenizer) and its batches: ``trainer.seq_len``, and the global batch
-``batch_size x world_size x grad_accum`` as the sampler draws it (``batch_size x world_size`` windows at a time,
-``grad_accum`` times a step). A resume with another value of any of these is refused in one line that names the
-key, the checkpoint's value, this run's value and the fix, unless ``trainer.resume_override=[key,...]`` names the
-key: then the change is logged (train.log) and recorded in every later checkpoint (``resume_overrides``). Another
-number of processes with the same ``batch_size x world_size`` draws the same windows: that resume stays exact and
-needs no override.
+settings that change them, and the tokenizer), its batches (``trainer.seq_len``, and the global batch
+``batch_size x world_size x grad_accum`` as the sampler draws it: ``batch_size x world_size`` windows at a time,
+``grad_accum`` times a step) and its optimisation (``optim.*``: the optimizer's and the schedule's state come from
+the checkpoint, so another value would otherwise be silently ignored). A resume with another value of any of
+these is refused in one line that names the key, the checkpoint's value, this run's value and the fix, unless
+``trainer.resume_override=[key,...]`` names the key: then the change is logged (train.log) and recorded in every
+later checkpoint (``resume_overrides``). Another number of processes with the same ``batch_size x world_size`` draws
+the same windows: that resume stays exact and needs no override.
 
 No override can change what the checkpoint's weights or optimizer state would not fit (``model.d_model``,
 ``model.n_layer``, a learned table's ``pos.max_len``, ...: both models are built on the meta device and their
@@ -19,7 +20,12 @@ What an override does from the resumed step on:
 * ``trainer.seq_len``, ``trainer.batch_size``, ``trainer.grad_accum``, ``data.*``: the sampler continues its random
   stream with the new window length, batch or corpus;
 * ``model.*``, ``pos.*`` that keep the parameter shapes (``model.dropout``, ``model.activation``, ``pos.base``,
-  ``pos.name`` between schemes without parameters, ...): the weights load into the new model.
+  ``pos.name`` between schemes without parameters, ...): the weights load into the new model;
+* ``optim.*``: the new value on the loaded optimizer and schedule (AdamW's moments are kept), the schedule
+  recomputed at the resumed step: a new ``optim.lr`` scales the rest of the schedule, a new ``optim.warmup_steps``
+  or ``optim.schedule`` moves the resumed step to where the new schedule has it.
+
+``trainer.max_steps`` is free: a longer run extends the schedule's decay to the new end.
 
 Rank 0 then claims the run folder (:func:`claim_run_dir`): leftovers of killed writes go, and ``metrics.jsonl`` is
 cut back to the resumed step, so a resumed run logs each step once. A refused resume has written nothing.
@@ -48,6 +54,7 @@ from roformer.data.config import DataConfig
 from roformer.files import one_line, to_plain
 from roformer.logger import cut_metrics
 from roformer.model import ModelConfig, TransformerLM
+from roformer.optim import OptimConfig
 from roformer.positional import PosConfig
 from roformer.runtime import set_rng_state
 from roformer.signals import requeue_resume
@@ -65,7 +72,8 @@ def run_keys() -> list[str]:
     tokenizer's)."""
     model = [f"model.{f.name}" for f in fields(ModelConfig) if f.name != "vocab_size"]
     data = [f"data.{f.name}" for f in fields(DataConfig) if f.name not in DATA_NOT_TOKENS]
-    return ["seed", *model, *[f"pos.{f.name}" for f in fields(PosConfig)], *data, *BATCH_KEYS]
+    optim = [f"optim.{f.name}" for f in fields(OptimConfig)]
+    return ["seed", *model, *[f"pos.{f.name}" for f in fields(PosConfig)], *data, *BATCH_KEYS, *optim]
 
 
 def check_override_keys(keys: list[str]) -> None:
@@ -76,7 +84,7 @@ def check_override_keys(keys: list[str]) -> None:
         raise ValueError(
             f"trainer.resume_override names {', '.join(bad)}, which {'is' if len(bad) == 1 else 'are'} not among the "
             f"settings that define a run (seed, model.* but vocab_size, pos.*, data.* but {', '.join(DATA_NOT_TOKENS)},"
-            f" {', '.join(BATCH_KEYS)}); any other setting may change on resume without an override")
+            f" {', '.join(BATCH_KEYS)}, optim.*); any other setting may change on resume without an override")
 
 
 def hydra_value(value) -> str:
@@ -135,7 +143,8 @@ def _group_changes(group: str, saved: dict, current: dict, skip: tuple[str, ...]
 
 def run_changes(ckpt: dict, cfg, world_size: int) -> list[Change]:
     """Every run-defining difference between a checkpoint and this run's config (a TrainConfig) on ``world_size``
-    processes, in the order seed, model, pos, data, trainer; shape-changing ones carry why no override helps."""
+    processes, in the order seed, model, pos, data, trainer, optim; shape-changing ones carry why no override
+    helps."""
     saved_model, saved_pos = (to_plain(c) for c in ckpt_lib.configs_from_checkpoint(ckpt))
     saved_t, t = ckpt["train_cfg"]["trainer"], cfg.trainer
     out = []
@@ -152,7 +161,8 @@ def run_changes(ckpt: dict, cfg, world_size: int) -> list[Change]:
     if saved_t["grad_accum"] != t.grad_accum:
         out.append(Change("trainer.grad_accum", saved_t["grad_accum"], t.grad_accum,
                           f"trainer.grad_accum={saved_t['grad_accum']}"))
-    return out
+    optim = to_plain(cfg.optim)
+    return out + _group_changes("optim", ckpt["train_cfg"].get("optim") or optim, optim)
 
 
 def _layout(model: dict, pos: dict) -> tuple[dict, list] | None:

@@ -1,65 +1,24 @@
-"""What train.py runs: the optim and trainer nodes of configs/train.yaml, and the whole run's ``TrainConfig``.
+"""What train.py runs: the trainer node of configs/train.yaml, and the whole run's ``TrainConfig``.
 
 The schemas of the other nodes live beside their code (``ModelConfig`` in model.py, ``PosConfig`` in positional.py,
-``DataConfig`` in data/config.py, ``LoggerConfig`` in logger.py); :mod:`roformer.config` composes them for Hydra and
-:mod:`roformer.training` reads them. Cross-field rules run in ``__post_init__``, before any work.
+``DataConfig`` in data/config.py, ``LoggerConfig`` in logger.py, ``OptimConfig`` in optim.py); :mod:`roformer.config`
+composes them for Hydra and :mod:`roformer.training` reads them. Cross-field rules run in ``__post_init__``, before
+any work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from roformer import checkpoint as ckpt_lib
 from roformer.data.config import DataConfig
 from roformer.logger import LoggerConfig
 from roformer.model import ModelConfig, check_positional
+from roformer.optim import OptimConfig
 from roformer.positional import PosConfig, RopeScaling
 from roformer.resume import check_override_keys
 from roformer.runtime import Device, Precision
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"  # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
-    constant = "constant"  # linear warmup, then constant
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with decoupled weight decay on weight matrices only, linear warmup, then a decay schedule."""
-
-    lr: float = 2e-3
-    # floor of the cosine decay, as a fraction of lr
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    schedule: Schedule = Schedule.cosine
-    # applied to the 2-D weights of linear layers and the token embedding (tied to the LM head); never to
-    # norms, biases or positional parameters (learned/relative/t5 tables)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    # clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive (e.g. optim.lr=1e-3)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"optim.eps={self.eps} must be positive")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        self.schedule = Schedule(self.schedule)
 
 
 @dataclass
@@ -91,7 +50,8 @@ class TrainerConfig:
     # "" starts fresh; "auto" continues <run_dir>/checkpoints/last.pt if it exists; else a checkpoint file
     # or a run folder to continue from
     resume: str = ""
-    # run-defining keys (seed, model.*, pos.*, data.*, seq_len, batch) a resume may change on purpose; see resume.py
+    # run-defining keys (seed, model.*, pos.*, data.*, seq_len, batch, optim.*) a resume may change on purpose;
+    # see resume.py
     resume_override: list[str] = field(default_factory=list)
     # fine-tune: a fresh run (new optimizer, schedule from step 0) starting from the weights of this checkpoint file
     # or run folder (its checkpoints/last.pt). Same architecture and tokenizer; pos.scaling, pos.scaling_factor,

@@ -1,16 +1,11 @@
-"""The training loop: the optimiser and schedule, validation, one step, and ``train()``; its settings are
-:mod:`roformer.train_config`'s.
+"""The training loop: validation, one step, and ``train()``; its settings are :mod:`roformer.train_config`'s, the
+optimiser and its schedule :mod:`roformer.optim`'s.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens on each of
 ``world_size`` ranks, so the global batch is ``batch_size x world_size x grad_accum`` sequences. DDP averages
 gradients over ranks, and the loss of a micro-batch is divided by ``grad_accum``, so one step sees the mean loss
 over the global batch whatever its split into ranks and micro-batches (``WindowSampler`` gives the ranks
 disjoint slices of one seeded global batch, so the windows are the same too).
-
-Optimiser: AdamW with decoupled weight decay on the 2-D weight matrices (linear layers and the token
-embedding, which is tied to the LM head) and none on norms, biases and positional parameters (learned,
-relative and T5 tables: decaying them pulls far positions to zero). Linear warmup over ``optim.warmup_steps``,
-then cosine decay to ``optim.lr x optim.min_lr_ratio`` at ``trainer.max_steps``; global-norm gradient clipping.
 
 Device, precision, ranks and seeds are set up by :mod:`roformer.runtime`; checkpoints are built, written and
 checked by :mod:`roformer.checkpoint`; metrics go through :mod:`roformer.logger`.
@@ -53,63 +48,19 @@ from roformer.data import PreparedData, WindowSampler, prepare
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import NullLogger, make_logger
 from roformer.model import TransformerLM
+from roformer.optim import build_optimizer, set_hyperparameters
 from roformer.resume import InitFrom, Resume, claim_run_dir, read_init_from, read_resume
 from roformer.runtime import Runtime, resolve_compile, rng_state, seed_everything, setup_runtime
 from roformer.signals import StopSignals
 
 # the settings live in train_config.py; named here too, where the loop that reads them is
-from roformer.train_config import OptimConfig, Schedule, TrainConfig, TrainerConfig  # noqa: F401
+from roformer.train_config import TrainConfig, TrainerConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimisation
-
-
-def param_groups(model: TransformerLM, weight_decay: float) -> list[dict]:
-    """Decay the 2-D weights of the transformer (linear layers, token embedding/LM head); not norms, biases or
-    positional parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not name.startswith("pos.") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, *, warmup: int, max_steps: int, min_ratio: float, schedule: Schedule) -> float:
-    """Multiplier of optim.lr for the update after ``step`` completed updates."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == Schedule.constant:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class LRSchedule:
-    """A picklable lr lambda (its fields go into the scheduler's state_dict)."""
-
-    def __init__(self, warmup: int, max_steps: int, min_ratio: float, schedule: Schedule):
-        self.warmup, self.max_steps, self.min_ratio, self.schedule = warmup, max_steps, min_ratio, schedule.value
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, warmup=self.warmup, max_steps=self.max_steps, min_ratio=self.min_ratio,
-                         schedule=Schedule(self.schedule))
-
-
-def build_optimizer(model: TransformerLM, cfg: TrainConfig, device: torch.device):
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            fused=device.type in ("cuda", "cpu"))  # fused: one kernel per step, on CPU too
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, LRSchedule(o.warmup_steps, cfg.trainer.max_steps, o.min_lr_ratio, o.schedule))
-    return opt, sched
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,18 +144,18 @@ def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
     seeded generator)."""
     t = cfg.trainer
     model = TransformerLM(cfg.model, cfg.pos).to(rt.device)
-    opt, sched = build_optimizer(model, cfg, rt.device)
+    opt, sched = build_optimizer(model, cfg.optim, t.max_steps, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.use_scaler)
     sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, rank=rt.rank,
                             world_size=rt.world_size)
     return Trainee(model, model, opt, sched, scaler, sampler)
 
 
-def restore(tr: Trainee, resumed: Resume, max_steps: int) -> Progress:
-    """Load a checkpoint's states into ``tr`` and every RNG (roformer.resume); a longer run than the checkpointed one
-    extends the schedule to the new ``max_steps``."""
+def restore(tr: Trainee, resumed: Resume, cfg: TrainConfig) -> Progress:
+    """Load a checkpoint's states into ``tr`` and every RNG (roformer.resume), then this run's optim.* and
+    trainer.max_steps (a longer run than the checkpointed one extends the schedule to the new end)."""
     resumed.load_into(tr)
-    tr.sched.lr_lambdas[0].max_steps = max_steps
+    set_hyperparameters(tr.opt, tr.sched, cfg.optim, cfg.trainer.max_steps)
     state = resumed.state
     log.info("resumed from %s at step %d", resumed.path, state["step"])
     return Progress(state["step"], state["tokens_seen"], state["best_val_loss"], state.get("wandb_run_id"),
@@ -316,7 +267,7 @@ def _start(cfg: TrainConfig, run_dir: Path, data: PreparedData | None,
         if source is not None:
             source.check_tokenizer(data.vocab_size, data.tokenizer_json)
     tr = build(cfg, rt, data.splits["train"].tokens)
-    p = restore(tr, resumed, t.max_steps) if resumed is not None else Progress()
+    p = restore(tr, resumed, cfg) if resumed is not None else Progress()
     if init is not None:  # every rank loads the same weights, before compile and DDP
         init.load_into(tr.raw)
         p.init_from = init.provenance
@@ -392,7 +343,7 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, data: PreparedData | No
     t_last, tokens_last = time.perf_counter(), p.tokens_seen
     try:
         while p.step < t.max_steps:
-            lr = tr.sched.get_last_lr()[0]
+            lr = tr.opt.param_groups[0]["lr"]  # this update's (set by the schedule's last step, or by a resume)
             loss, grad_norm = train_step(tr, rt, t, cfg.optim.grad_clip, p)
             p.step += 1
             p.tokens_seen += tokens_per_step

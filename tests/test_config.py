@@ -117,6 +117,8 @@ def test_enum_errors_list_the_allowed_values():
     (["model.attention=linear", "pos=alibi"], "model.attention=linear cannot use pos=alibi"),
     (["trainer.resume_override=[seed,trainer.max_steps]"], "trainer.resume_override names trainer.max_steps, which "
                                                            "is not among the settings that define a run"),
+    (["trainer.resume_override=[optim.lr,optim.decay]"], r"names optim.decay, which is not among the settings that "
+                                                         r"define a run \(.*, optim.\*\)"),
 ])
 def test_cross_field_and_value_checks_name_the_keys(overrides, match):
     with pytest.raises(ValueError, match=match):

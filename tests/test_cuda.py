@@ -22,9 +22,10 @@ from conftest import markov_tokens
 
 from roformer.kernels import attention, cross_entropy
 from roformer.model import KVCache, ModelConfig, TransformerLM
+from roformer.optim import OptimConfig
 from roformer.positional import SCHEMES, PosConfig
 from roformer.runtime import Runtime, resolve_precision
-from roformer.training import OptimConfig, Progress, TrainConfig, TrainerConfig, build, train_step
+from roformer.training import Progress, TrainConfig, TrainerConfig, build, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, read_metrics, tiny_config
 
 from roformer import checkpoint as ckpt_lib
+from roformer.optim import Schedule, lr_factor
 from roformer.resume import check_run
 from roformer.training import train
 
@@ -78,6 +79,11 @@ def run(base, tmp_path) -> Path:
     ("trainer.seq_len=16", "trainer.seq_len", "32", "16"),
     ("trainer.batch_size=4", "trainer.batch_size", "8", "4"),
     ("trainer.grad_accum=2", "trainer.grad_accum", "1", "2"),
+    ("optim.lr=0.003", "optim.lr", "0.01", "0.003"),
+    ("optim.warmup_steps=5", "optim.warmup_steps", "2", "5"),
+    ("optim.schedule=constant", "optim.schedule", "cosine", "constant"),
+    ("optim.beta2=0.99", "optim.beta2", "0.95", "0.99"),
+    ("optim.grad_clip=0.5", "optim.grad_clip", "1.0", "0.5"),
 ])
 def test_each_run_defining_key_is_refused_in_one_line_before_any_work(override, key, saved, current, run, no_data):
     before = digest(run)
@@ -151,6 +157,40 @@ def test_overrides_are_accepted_logged_and_recorded_across_resumes(run, toy_data
         {"step": 6, "key": "trainer.seq_len", "from": 32, "to": 48}]
     steps = [r["trainer/step"] for r in read_metrics(run) if "train/loss" in r]
     assert steps == list(range(1, 9))
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {r["trainer/step"]: r["train/lr"] for r in read_metrics(run) if "train/lr" in r}
+
+
+def test_an_optim_override_applies_from_the_resumed_step_and_keeps_adams_moments(run, toy_data):
+    """optim.lr, optim.weight_decay and optim.beta2 overridden at step 4 of a 2-step-warmup cosine run extended to
+    8 steps: every later update uses the new values and the schedule of the new lr and max_steps, while AdamW's
+    moments and step count carry on from the checkpoint."""
+    before = ckpt_lib.load_checkpoint(run)["optimizer"]["state"]
+    train(tiny_config("optim.lr=0.003", "optim.weight_decay=0.5", "optim.beta2=0.99", "trainer.max_steps=8",
+                      "trainer.resume=auto", "trainer.resume_override=[optim.lr,optim.weight_decay,optim.beta2]"),
+          run, data=toy_data)
+    ck = ckpt_lib.load_checkpoint(run)
+    lrs = _lrs(run)
+    factor = lambda step, max_steps: lr_factor(step, warmup=2, max_steps=max_steps, min_ratio=0.1,  # noqa: E731
+                                               schedule=Schedule.cosine)
+    assert [lrs[s] for s in range(1, 5)] == pytest.approx([0.01 * factor(s - 1, 4) for s in range(1, 5)])
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([0.003 * factor(s - 1, 8) for s in range(5, 9)])
+    decay, no_decay = ck["optimizer"]["param_groups"]
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.99) and decay["initial_lr"] == 0.003
+    assert ck["scheduler"]["base_lrs"] == [0.003, 0.003]
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {8.0}  # 4 + 4 steps: not restarted
+    assert {float(st["step"]) for st in before.values()} == {4.0}
+    assert [(c["key"], c["from"], c["to"]) for c in ck["resume_overrides"]] == [
+        ("optim.lr", 0.01, 0.003), ("optim.weight_decay", 0.1, 0.5), ("optim.beta2", 0.95, 0.99)]
+
+
+def test_a_longer_run_decays_over_the_new_length_from_the_first_resumed_update(run, toy_data):
+    train(tiny_config("trainer.max_steps=8", "trainer.resume=auto"), run, data=toy_data)
+    factor = lambda step: lr_factor(step, warmup=2, max_steps=8, min_ratio=0.1, schedule=Schedule.cosine)  # noqa: E731
+    assert [_lrs(run)[s] for s in range(5, 9)] == pytest.approx([0.01 * factor(s - 1) for s in range(5, 9)])
 
 
 def test_a_tokenizer_change_cannot_be_overridden(run, toy_data_other_tokenizer):

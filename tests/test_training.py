@@ -18,17 +18,10 @@ from conftest import REPO, read_metrics, tiny_config, wandb_runs
 from roformer import checkpoint as ckpt_lib
 from roformer.logger import wandb_mode
 from roformer.model import TransformerLM
+from roformer.optim import Schedule, lr_factor, param_groups
 from roformer.positional import SCHEMES
 from roformer.runtime import resolve_compile, resolve_precision, setup_runtime
-from roformer.training import (
-    Schedule,
-    TrainingDiverged,
-    eval_starts,
-    lr_factor,
-    param_groups,
-    train,
-    unigram_ppl,
-)
+from roformer.training import TrainingDiverged, eval_starts, train, unigram_ppl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
