@@ -336,7 +336,7 @@ def main() -> int:
     log = out / "study.log"
     t0 = time.time()
     record = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),  # as a reader reruns it: no path of this machine's venv
         "commit": git_commit(),
         "machine": machine(),
         "preset": args.preset,

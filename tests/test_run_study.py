@@ -144,6 +144,8 @@ def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_run
     assert list(record) == ["command", "commit", "machine", "preset", "seeds", "variants", "runs", "train_seconds",
                             "eval_seconds", "wall_seconds", "eval_exit_code"]  # fmt: skip
     assert (record["preset"], record["seeds"], record["variants"]) == ("quick", [3, 1], ["rope+linear", "learned"])
+    assert record["command"] == (f"python run_study.py --preset quick --out {out} --variants rope+linear,learned "
+                                 "--seeds 3,1 --logger none -- optim.lr=1e-3")
     assert [r["run"] for r in record["runs"]] == [
         "pos=rope,model.attention=linear,seed=3", "pos=rope,model.attention=linear,seed=1", "pos=learned,seed=1"
     ]
