@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -415,9 +414,7 @@ def evaluate_model(
                 cell = Cell(protocol.value, L, "n/a", f"n/a (table size {table})", target_tokens=k)
             else:
                 try:
-                    # none: the positions as trained (a checkpoint fine-tuned with a scaling keeps it)
-                    zero_shot = scaling != RopeScaling.none
-                    with model.scaled_positions(scaling, L / train_len, train_len) if zero_shot else nullcontext():
+                    with model.scaled_positions(scaling, L / train_len, train_len):  # none: as trained
                         if protocol == Protocol.fixed_target:
                             score = evaluate_fixed_target(model, fixed_docs, L, target_tokens=K, **common)
                         else:

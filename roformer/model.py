@@ -379,12 +379,16 @@ class TransformerLM(nn.Module):
 
         ``self.pos`` is swapped for ``self.pos.with_scaling(...)`` for the duration of the block and put back
         afterwards, also on an exception; neither the scheme's config nor ``self.pos_cfg`` (what was trained, and
-        what a checkpoint records) is changed. Schemes without RoPE raise ValueError for any kind but ``none``.
+        what a checkpoint records) is changed. ``none`` leaves the positions as trained (a checkpoint fine-tuned
+        with a scaling keeps it). Schemes without RoPE raise ValueError for any kind but ``none``.
         """
+        if RopeScaling(kind) == RopeScaling.none:
+            yield False
+            return
         trained = self.pos
         self.pos = trained.with_scaling(kind, factor, original_len)
         try:
-            yield RopeScaling(kind) != RopeScaling.none
+            yield True
         finally:
             self.pos = trained
 

@@ -298,6 +298,21 @@ def test_scaled_positions_restore_the_scheme_and_change_no_config():
     assert model.pos is rope and rope.cfg == trained
 
 
+def test_scaled_positions_none_keeps_a_trained_scaling():
+    """A checkpoint fine-tuned with PI keeps it under ``none`` (evaluation's default and scripts/generate.py's),
+    instead of falling back to plain RoPE."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, d_model=32)
+    model = TransformerLM(cfg, PosConfig(scaling="pi", scaling_factor=4.0, original_len=TRAIN_LEN)).eval()
+    x = torch.randint(0, 64, (1, 2 * TRAIN_LEN))
+    trained = model.pos
+    with torch.inference_mode():
+        want, _ = model(x)
+        with model.scaled_positions(RopeScaling.none, 1.0, TRAIN_LEN) as scaled:
+            assert not scaled and model.pos is trained
+            assert torch.equal(model(x)[0], want)
+
+
 def test_scaled_positions_on_schemes_without_rope():
     model = tiny("alibi")
     alibi = model.pos
