@@ -1,7 +1,8 @@
 """Hand-written fast paths that the model calls instead of PyTorch's general ops.
 
-* :func:`cross_entropy`: fp32 cross-entropy of low-precision logits in cache-sized blocks of rows, with the
-  gradient made in the forward pass instead of by autograd over full-size fp32 copies of the logits.
+* :func:`cross_entropy`: fp32 cross-entropy of low-precision logits; on CPU in cache-sized blocks of rows, with the
+  gradient made in the forward pass instead of by autograd over full-size fp32 copies of the logits; on CUDA
+  PyTorch's own, which torch.compile fuses (:data:`LOSS_BY_DEVICE`).
 * :func:`attention`: softmax attention that, for bf16 on CPU over short key lengths, runs as batched matmuls
   with an fp32 softmax (:class:`_MatmulAttention` in training, :func:`_attention_forward` without autograd);
   there PyTorch's CPU flash kernel is the slower one. Everything else goes to
@@ -80,10 +81,33 @@ class _CrossEntropy(torch.autograd.Function):
         return (grad * g.to(grad.dtype)).to(ctx.out_dtype), None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = -100):
-    """fp32 cross-entropy of (N, V) logits against (N,) targets, like ``F.cross_entropy(logits.float(), ...)``."""
+# The cross-entropy each device runs unless a model asks for another (TransformerLM.loss_impl):
+# * cpu, "blocked": _CrossEntropy, whose cache-sized blocks beat autograd over fp32 copies of the logits there;
+# * cuda, "plain": F.cross_entropy on an fp32 view of the logits, which torch.compile fuses with the upcast into
+#   its own kernels, with no saved (N, V) gradient; _CrossEntropy's Python loop over row blocks is unrolled into
+#   the compiled graph instead, and its saved gradient is one more (N, V) tensor written and read per step.
+# Chosen by measurement on each device, figures in docs/performance.md ("GPU").
+LOSS_IMPLS = ("blocked", "plain")
+LOSS_BY_DEVICE = {"cpu": "blocked", "cuda": "plain"}
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    impl: str | None = None,
+):
+    """fp32 cross-entropy of (N, V) logits against (N,) targets, like ``F.cross_entropy(logits.float(), ...)``.
+    ``impl``: ``blocked`` (:class:`_CrossEntropy`), ``plain`` (PyTorch's), or None: the device's choice
+    (:data:`LOSS_BY_DEVICE`)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} must be one of 'mean', 'sum', 'none'")
+    impl = impl or LOSS_BY_DEVICE.get(logits.device.type, "plain")
+    if impl == "plain":
+        return F.cross_entropy(logits.float(), targets, reduction=reduction, ignore_index=ignore_index)
+    if impl != "blocked":
+        raise ValueError(f"cross-entropy impl={impl!r} must be one of {', '.join(LOSS_IMPLS)}")
     return _CrossEntropy.apply(logits, targets, reduction, ignore_index)
 
 

@@ -328,6 +328,8 @@ class TransformerLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self._decode_weights: DecodeWeights | None = None  # built by the first decode_step
+        # the cross-entropy kernel (kernels.LOSS_IMPLS); None: the device's measured choice (kernels.LOSS_BY_DEVICE)
+        self.loss_impl: str | None = None
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
@@ -443,7 +445,7 @@ class TransformerLM(nn.Module):
         x = self.drop(self.pos.embed(self.wte(idx), ctx))
         for block in self.blocks:
             x = block(x, self.pos, ctx, cache)
-        logits = self.lm_head(self.ln_f(x))
+        logits, loss = self.head(x, targets, reduction)
         if cache is not None:
             if not cached:
                 cache.start = start if positions is None else None
@@ -451,6 +453,12 @@ class TransformerLM(nn.Module):
                 cache.start = None
             cache.ids = torch.cat((cache.ids, idx), dim=1) if cached else idx
             cache.positions, cache.n_pos = k_pos, n_pos
+        return logits, loss
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None, reduction: str = "mean"):
+        """Final norm, LM head and loss: (logits, loss or None). Its own method so that regional compilation
+        (runtime.compile_model, scope ``blocks``) can compile it apart from the blocks, fusing the loss."""
+        logits = self.lm_head(self.ln_f(x))
         return logits, self._loss(logits, targets, reduction)
 
     def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -490,11 +498,11 @@ class TransformerLM(nn.Module):
         cache.positions, cache.n_pos = k_pos, n + 1
         return logits
 
-    @staticmethod
-    def _loss(logits, targets, reduction):
+    def _loss(self, logits, targets, reduction):
         loss = None
         if targets is not None:
-            loss = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction)
+            loss = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction,
+                                 impl=self.loss_impl)  # fmt: skip
             if reduction == "none":
                 loss = loss.view(targets.shape)
         return loss

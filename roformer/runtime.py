@@ -125,6 +125,33 @@ def resolve_compile(setting: str, device: torch.device, steps: int) -> bool:
     return device.type == "cuda" and steps >= COMPILE_MIN_STEPS_CUDA
 
 
+# What torch.compile covers on each device (trainer.compile_scope=auto): "model" traces the whole model as one graph;
+# "blocks" compiles one transformer block, whose graph every block reuses, plus the head and loss apart
+# (TransformerLM.head): dynamo traces a block once instead of n_layer times, which is most of a compile's time.
+# Chosen by measurement, figures in docs/performance.md ("GPU").
+COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SCOPE_BY_DEVICE = {"cuda": "blocks", "cpu": "model"}
+
+
+def compile_model(model: torch.nn.Module, scope: str = "auto", mode: str | None = None) -> torch.nn.Module:
+    """``model`` under torch.compile: ``model`` scope returns the compiled wrapper; ``blocks`` compiles each block
+    (and the head) in place and returns ``model`` itself, so its state_dict keys stay those of the bare model.
+    ``auto``: the choice for the device the model is on (:data:`COMPILE_SCOPE_BY_DEVICE`)."""
+    if scope == "auto":
+        scope = COMPILE_SCOPE_BY_DEVICE.get(next(model.parameters()).device.type, "model")
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    if scope != "blocks":
+        raise ValueError(f"trainer.compile_scope={scope!r} must be auto, {' or '.join(COMPILE_SCOPES)}")
+    # A block that reads its layer index (a per-layer bias table: pos=relative) is guarded on it and compiled once
+    # per layer; let that happen rather than fall back to eager after torch's default of 8 recompiles.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks) + 8)
+    for block in model.blocks:
+        block.compile(mode=mode)
+    model.head = torch.compile(model.head, mode=mode)
+    return model
+
+
 def resolve_device(want: Device | str, key: str = "trainer.device", index: int | None = None) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error naming ``key``."""
     want = Device(want)

@@ -18,7 +18,7 @@ from roformer.model import ModelConfig, check_positional
 from roformer.optim import OptimConfig
 from roformer.positional import PosConfig, RopeScaling
 from roformer.resume import check_override_keys
-from roformer.runtime import Device, Precision
+from roformer.runtime import COMPILE_SCOPES, Device, Precision
 
 
 @dataclass
@@ -43,6 +43,9 @@ class TrainerConfig:
     # torch.compile the model: true, false, or auto (where it pays off: on CUDA for runs of 300+ steps; not on CPU,
     # where it gained nothing measurable; see runtime.resolve_compile)
     compile: str = "auto"
+    # what torch.compile covers: model (one graph), blocks (one block's graph reused by every block, and the head
+    # apart: a fraction of the compile time), or auto (each device's measured choice; see runtime.compile_model)
+    compile_scope: str = "auto"
     device: Device = Device.auto
     # deterministic algorithms (bit-exact repeat and resume on CPU); on CUDA this also needs
     # CUBLAS_WORKSPACE_CONFIG=:4096:8 and may be slower
@@ -77,6 +80,9 @@ class TrainerConfig:
         if compile_ is None:
             raise ValueError(f"trainer.compile={self.compile!r} must be auto, true or false")
         self.compile = compile_
+        if self.compile_scope not in ("auto", *COMPILE_SCOPES):
+            raise ValueError(f"trainer.compile_scope={self.compile_scope!r} must be auto, "
+                             f"{' or '.join(COMPILE_SCOPES)}")  # fmt: skip
         if self.precision == Precision.fp16 and self.device == Device.cpu:
             raise ValueError("trainer.precision=fp16 needs CUDA (a GradScaler); on CPU use bf16 or fp32")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():

@@ -48,9 +48,9 @@ from roformer.data import PreparedData, WindowSampler, prepare
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import NullLogger, make_logger
 from roformer.model import TransformerLM
-from roformer.optim import build_optimizer, set_hyperparameters
+from roformer.optim import OptimConfig, build_optimizer, set_hyperparameters
 from roformer.resume import InitFrom, Resume, claim_run_dir, read_init_from, read_resume
-from roformer.runtime import Runtime, resolve_compile, rng_state, seed_everything, setup_runtime
+from roformer.runtime import Runtime, compile_model, resolve_compile, rng_state, seed_everything, setup_runtime
 from roformer.signals import StopSignals
 
 # the settings live in train_config.py; named here too, where the loop that reads them is
@@ -165,18 +165,23 @@ def restore(tr: Trainee, resumed: Resume, cfg: TrainConfig) -> Progress:
 def wrap(tr: Trainee, t: TrainerConfig, rt: Runtime) -> None:
     """torch.compile (where trainer.compile says) and DDP around the bare model."""
     if resolve_compile(t.compile, rt.device, t.max_steps):
-        log.info("torch.compile: on (trainer.compile=%s, %d steps)", t.compile, t.max_steps)
-        tr.model = torch.compile(tr.model)
+        log.info("torch.compile: on (trainer.compile=%s, %d steps, scope %s)", t.compile, t.max_steps,
+                 t.compile_scope)  # fmt: skip
+        tr.model = compile_model(tr.model, t.compile_scope)
     if rt.distributed:
         tr.model = DDP(tr.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
-def _diverged(what: str, value: float, step: int, last_good: Path | None, hint: str = "") -> TrainingDiverged:
-    return TrainingDiverged(f"{what} is {value} at step {step}; stopped. Last good checkpoint: "
-                            f"{last_good or 'none (no checkpoint written yet)'}{hint}")
+def _diverged(what: str, value: float, step: int, last_good: Path | None, optim: OptimConfig) -> TrainingDiverged:
+    """The one line a diverged run ends with: what went non-finite, and what to change and how to go on."""
+    fix = (f"lower optim.lr (now {optim.lr:g}) or raise optim.warmup_steps (now {optim.warmup_steps}), then "
+           + (f"resume the last good checkpoint: trainer.resume={last_good} "
+              "trainer.resume_override=[optim.lr,optim.warmup_steps]" if last_good is not None
+              else "start again (no checkpoint was written yet)"))  # fmt: skip
+    return TrainingDiverged(f"{what} is {value} at step {step}; stopped: {fix}")
 
 
-def train_step(tr: Trainee, rt: Runtime, t: TrainerConfig, grad_clip: float, p: Progress) -> tuple[float, float]:
+def train_step(tr: Trainee, rt: Runtime, t: TrainerConfig, optim: OptimConfig, p: Progress) -> tuple[float, float]:
     """One optimiser step over ``grad_accum`` micro-batches: (mean loss over the global batch, gradient norm)."""
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(t.grad_accum):
@@ -193,12 +198,11 @@ def train_step(tr: Trainee, rt: Runtime, t: TrainerConfig, grad_clip: float, p: 
         loss_step /= rt.world_size
     loss_val = float(loss_step)
     if not math.isfinite(loss_val):
-        raise _diverged("train/loss", loss_val, p.step + 1, p.last_good, ". Lower optim.lr or raise "
-                        "optim.warmup_steps, then resume with trainer.resume=<that checkpoint>")
+        raise _diverged("train/loss", loss_val, p.step + 1, p.last_good, optim)
     tr.scaler.unscale_(tr.opt)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), grad_clip or float("inf")))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), optim.grad_clip or float("inf")))
     if not math.isfinite(grad_norm) and not rt.use_scaler:  # fp16: the scaler skips the step itself
-        raise _diverged("train/grad_norm", grad_norm, p.step + 1, p.last_good)
+        raise _diverged("train/grad_norm", grad_norm, p.step + 1, p.last_good, optim)
     tr.scaler.step(tr.opt)
     tr.scaler.update()
     tr.opt.zero_grad(set_to_none=True)
@@ -344,7 +348,7 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, data: PreparedData | No
     try:
         while p.step < t.max_steps:
             lr = tr.opt.param_groups[0]["lr"]  # this update's (set by the schedule's last step, or by a resume)
-            loss, grad_norm = train_step(tr, rt, t, cfg.optim.grad_clip, p)
+            loss, grad_norm = train_step(tr, rt, t, cfg.optim, p)
             p.step += 1
             p.tokens_seen += tokens_per_step
             bar.update(1)

@@ -10,6 +10,7 @@ import torch
 
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import SCHEMES, PosConfig
+from roformer.runtime import compile_model
 
 CASES = [(s, "softmax") for s in sorted(SCHEMES)] + [("rope", "linear")]
 
@@ -37,3 +38,32 @@ def test_compiled_model_is_one_graph_and_matches_eager(scheme, attention):
         compiled(x[:, :-1])
     _, again = compiled(x[:, :-1], x[:, 1:])
     torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,loss_impl", [("rope", "plain"), ("rope", "blocked"), ("alibi", "plain")])
+def test_regional_compile_traces_one_block_and_matches_eager(scheme, loss_impl):
+    """compile_model(scope=blocks): every block runs the one compiled block graph (a recompile per block would
+    defeat the point), the head and loss are compiled apart, the model keeps its state_dict keys, and forward and
+    backward equal eager's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, n_layer=3, n_head=2, d_model=32)
+    model = TransformerLM(cfg, PosConfig(name=scheme, max_len=64))
+    model.loss_impl = loss_impl
+    keys = list(model.state_dict())
+    x = torch.randint(0, 128, (2, 25))
+    _, ref = model(x[:, :-1], x[:, 1:])
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.utils.counters.clear()
+    compiled = compile_model(model, scope="blocks")
+    assert compiled is model and list(model.state_dict()) == keys
+    _, loss = compiled(x[:, :-1], x[:, 1:])
+    loss.backward()
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] == 2, dict(frames)  # one block graph, reused by all 3 blocks, and the head
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

@@ -259,12 +259,29 @@ def _nan_from_call(monkeypatch, n: int) -> None:
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
     _nan_from_call(monkeypatch, 7)
-    with pytest.raises(TrainingDiverged, match=r"train/loss is nan at step 7.*Last good checkpoint: "
-                                               rf"{tmp_path}/checkpoints/last.pt"):
-        train(tiny_config("trainer.max_steps=20", "trainer.eval_interval=5"), tmp_path, data=toy_data)
+    with pytest.raises(TrainingDiverged) as e:
+        train(tiny_config("trainer.max_steps=20", "trainer.eval_interval=5", "optim.lr=0.003"), tmp_path, data=toy_data)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("train/loss is nan at step 7; stopped: lower optim.lr (now 0.003) or "
+                                               "raise optim.warmup_steps (now ")
+    assert msg.endswith(f"trainer.resume={tmp_path}/checkpoints/last.pt "
+                        "trainer.resume_override=[optim.lr,optim.warmup_steps]")
     ck = ckpt_lib.load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
     assert max(r["trainer/step"] for r in read_metrics(tmp_path)) == 6  # nothing logged for the bad step
+
+
+def test_a_huge_learning_rate_names_optim_lr_and_warmup(toy_data, tmp_path):
+    """The issue's case: optim.lr=1e4 diverges within a few steps, before any checkpoint; the line says which keys
+    to change and that there is nothing to resume."""
+    with pytest.raises(TrainingDiverged) as e:
+        train(tiny_config("optim.lr=1e4", "optim.warmup_steps=0", "trainer.max_steps=30", "trainer.eval_interval=0"),
+              tmp_path, data=toy_data)  # fmt: skip
+    msg = str(e.value)
+    assert " is nan at step " in msg or " is inf at step " in msg, msg
+    assert "lower optim.lr (now 10000) or raise optim.warmup_steps (now 0)" in msg
+    assert msg.endswith("start again (no checkpoint was written yet)") and "\n" not in msg
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
