@@ -7,10 +7,14 @@
     python scripts/generate.py ckpt=RUN max_new_tokens=2000 pos.scaling=yarn pos.scaling_factor=8   # past the
                                                      # training length with a RoPE extension (pos.original_len:
                                                      # the checkpoint's training length unless given)
+    python scripts/generate.py ckpt=RUN device=cuda prompt="..."                  # CUDA: a static KV cache and a
+                                                     # CUDA graph per token (decode=auto); decode=compile compiles
+                                                     # the step instead, decode=eager keeps decode_step
 
 Uses the KV cache (one forward per new token) and stops at the end-of-document token or max_new_tokens. An empty
 prompt starts a new document. Bad settings exit 2 and an unusable checkpoint exits 1, with one line on stderr;
-nothing is written. Settings: configs/generate.yaml; sampling: roformer/generation.py.
+nothing is written. Settings: configs/generate.yaml; sampling: roformer/generation.py. ``decode``: auto | eager |
+static | graph | compile | compile-graph, as roformer/generation.py describes; a path that cannot serve the checkpoint falls back with a logged reason.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from roformer.checkpoint import CheckpointError, load_checkpoint, model_from_che
 from roformer.data import tokenizer as toklib  # noqa: E402
 from roformer.eval_run import find_checkpoints  # noqa: E402
 from roformer.generation import (  # noqa: E402
+    DECODES,
     GenerationError,
     SamplingConfig,
     check_length,
@@ -61,9 +66,14 @@ class GenerateConfig(SamplingConfig):
     # CPU threads (0: torch's default)
     threads: int = 1
     pos: ScalingConfig = field(default_factory=ScalingConfig)
+    # how each token's forward runs: auto (CUDA: a static cache replayed as a CUDA graph; CPU: decode_step) |
+    # eager | static | graph | compile
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.decode not in DECODES:
+            raise GenerationError(f"decode={self.decode!r} must be one of {list(DECODES)}")
         if self.which not in ("last", "best"):
             raise GenerationError(f"which={self.which!r} must be last or best")
         if self.pos.scaling_factor < 1.0:
@@ -138,7 +148,7 @@ def run(s: GenerateConfig) -> None:
             out.flush()
             g = torch.Generator(device=model.wte.weight.device).manual_seed(s.seed + i)
             ids = generate(model, prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, generator=g, stop_id=eod)
+                           top_k=s.top_k, top_p=s.top_p, generator=g, stop_id=eod, decode=s.decode)
             counted = _count(ids)
             t0 = time.perf_counter()
             for piece in stream_text(lambda seen: toklib.decode(tok, seen), counted):

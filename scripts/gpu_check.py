@@ -10,30 +10,42 @@ The GPU machine needs no network (the hub is never asked, nothing is downloaded)
   does too; data/downloads/ is not needed;
 * a Python with the CUDA build of torch, numpy, tokenizers, hydra-core 1.3, matplotlib, tqdm and pytest
   (``pip install torch==<version+cuXXX> -e ".[dev]"``, or whatever is there: the project need not be installed,
-  datasets and wandb are not imported).
+  datasets and wandb are not imported); transformers for the Hugging Face peers.
+
+What such a machine lacks (hydra-core, omegaconf and antlr4 as wheels, a token cache keyed on a tokenizer file,
+nanoGPT's model.py for the peer benchmark) is made in one folder where the network is, carried over, and named:
+
+    python scripts/gpu_carry.py --nanogpt ~/nanoGPT     # here: makes .gpu_carry/ (git-ignored)
+    python scripts/gpu_check.py OUT --carry .gpu_carry  # there: installs the wheels into a temporary folder
 
     python scripts/gpu_check.py outputs/gpu_check/h200  # OUT; default outputs/gpu_check/<date_time>
     python scripts/gpu_check.py OUT --steps train,eval  # again, only some steps (data is always resolved)
-    python scripts/gpu_check.py --dry-run OUT           # the same steps at a tiny shape on a CPU, under a minute
+    python scripts/gpu_check.py --dry-run OUT           # the same steps at a tiny shape on a CPU, about a minute
 
 Steps, each timed, each with its output in OUT; a failing step does not stop the later ones, and the exit code is
 1 if any failed or timed out (2: a usage error, e.g. no GPU without --dry-run):
 
     env          nvidia-smi, Python, torch, CUDA and the GPU                                -> env.txt
     data         the WikiText-2 token cache, found without the network (below)              -> data.txt
+    benchmark    scripts/benchmark.py at GPT-2 small (124M, 16 x 1024 tokens, bf16, compiled, fused AdamW),
+                 interleaved in one process: ours with each cross-entropy kernel and compile scope, nanoGPT
+                 (with --carry's nanogpt/) and transformers' Llama; tokens/s, MFU, compile time, memory, ratios
+                                                                                            -> benchmark.{json,txt}
+    decode       scripts/benchmark_generate.py at GPT-2 small, batch 1, bf16: ours eager, with a static cache
+                 and a CUDA graph, compiled; transformers' generate with its dynamic and static cache
+                                                                                            -> decode.{json,txt}
     cuda_tests   python -m pytest -m cuda on the files with CUDA tests: CUDA attention, bias, cross-entropy, fp16
-                 with a GradScaler, bf16, compile and KV caches against CPU float64         -> cuda_tests.txt
-    benchmark    scripts/benchmark.py at GPT-2 small (124M, 16 x 1024 tokens, bf16, compiled,
-                 fused AdamW): training tokens/s and MFU                                    -> benchmark.{json,txt}
+                 with a GradScaler, bf16, compile, KV caches and decoding against CPU float64 -> cuda_tests.txt
     train_<pos>  train.py experiment=gpu_check pos=<pos> (44.6M parameters, L = 512) for
                  rope, sinusoidal, learned and alibi                                        -> runs/<pos>/, logs/
     eval         evaluate.py over runs/ at 1x, 2x, 4x and 8x the training length            -> eval/results.*
 
 OUT/summary.md (and summary.json) then hold a table of step, status and seconds with each step's headline
 (MFU, validation perplexity, perplexity by length); it is rewritten after every step, so a run cut short still
-leaves one. Time: expected about 8 minutes on an H200 (estimates in configs/experiment/gpu_check.yaml); each step
-has a time cap, and a step is cut short (training: stopped with SIGTERM, which checkpoints the step) or skipped
-rather than run past --budget-s (540 s), keeping what the later steps need.
+leaves one. Time: about 9.5 minutes on an H200 (each step's cap below is set from its measured time; see
+docs/performance.md, "GPU"); a step is cut short (training: stopped with SIGTERM, which checkpoints the step) or
+skipped rather than run past --budget-s (570 s), keeping the reserves of the steps still to come. The training
+runs come last and get what is left: the first few minutes measure speed and correctness.
 
 Finding the token cache: a cache folder is keyed on what made its tokens. The default config's key includes the
 version of ``tokenizers`` that trained the tokenizer, so under another version it names a cache that is not there;
@@ -50,6 +62,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -79,33 +92,45 @@ class Mode:
 
     experiment: str
     benchmark: list[str]
+    decode: list[str]
     eval: list[str]
     # seconds: (cap, reserve) per step kind; reserve: kept for this step when earlier steps use up the budget
     limits: dict[str, tuple[float, float]]
     budget_s: float
 
 
-# GPT-2 small as issue 7 measures it (its MFU target is 45%), one scheme to keep the compiles few: --eval-batch 1
-# and --eval-mult 1 give the two evaluation calls one shape, so there is one inference graph besides the training one.
+# GPT-2 small as issue 23 measures it, one scheme to keep the compiles few: --eval-batch 1 and --eval-mult 1 give
+# the two evaluation calls one shape, so there is one inference graph besides the training one. Our variants: the
+# two cross-entropy kernels under regional compilation (cheap to compile twice) and the whole-model graph with the
+# plain loss, so that each device choice (kernels.LOSS_BY_DEVICE, runtime.COMPILE_SCOPE_BY_DEVICE) is measured
+# against its alternative in the same rounds as nanoGPT and transformers' Llama. --fresh-cache: each compiles cold.
 GPU = Mode(
     experiment="gpu_check",
     benchmark=["--device", "cuda", "--vocab", "50304", "--d-model", "768", "--n-layer", "12", "--n-head", "12",
                "--seq-len", "1024", "--batch", "16", "--dtypes", "bf16", "--compile", "on", "--schemes", "rope",
-               "--optimizer", "fused", "--warmup", "3", "--rounds", "10", "--eval-batch", "1", "--eval-mult", "1"],
+               "--optimizer", "fused", "--warmup", "3", "--rounds", "10", "--eval-batch", "1", "--eval-mult", "1",
+               "--ours", "plain:blocks,blocked:blocks,plain:model", "--peer", "hf-llama", "--fresh-cache"],
+    decode=["--device", "cuda", "--vocab", "50304", "--d-model", "768", "--n-layer", "12", "--n-head", "12",
+            "--dtype", "bf16", "--prompt-len", "128", "--new-tokens", "256", "--runs", "3",
+            "--decode", "eager,graph,compile", "--hf-cases", "dynamic,static"],
     eval=[],
-    limits={"env": (60, 10), "data": (120, 10), "cuda_tests": (180, 0), "benchmark": (180, 0), "train": (120, 45),
-            "eval": (150, 60)},
-    budget_s=540,
+    # (cap, reserve) in seconds; reserves keep time for the steps after a slow one
+    limits={"env": (60, 10), "data": (60, 5), "benchmark": (270, 0), "decode": (170, 120), "cuda_tests": (200, 150),
+            "train": (90, 0), "eval": (60, 0)},
+    budget_s=570,
 )  # fmt: skip
 DRY = Mode(
     experiment="gpu_check_dry",
     benchmark=["--device", "cpu", "--vocab", "256", "--d-model", "64", "--n-layer", "2", "--n-head", "2",
                "--seq-len", "32", "--batch", "2", "--dtypes", "fp32", "--compile", "off", "--schemes", "rope",
                "--warmup", "1", "--rounds", "2", "--peak-n", "256", "--threads", "1", "--eval-batch", "1",
-               "--eval-mult", "1"],
+               "--eval-mult", "1", "--ours", "auto:auto,plain:model", "--peer", "hf-llama"],
+    decode=["--device", "cpu", "--vocab", "256", "--d-model", "64", "--n-layer", "2", "--n-head", "2",
+            "--dtype", "fp32", "--prompt-len", "16", "--new-tokens", "8", "--runs", "1", "--threads", "1",
+            "--decode", "auto,static"],
     eval=["eval.max_tokens=1024", "eval.max_docs=2", "eval.target_tokens=16"],
-    limits={"env": (60, 0), "data": (300, 0), "cuda_tests": (300, 0), "benchmark": (300, 0), "train": (300, 0),
-            "eval": (300, 0)},
+    limits={"env": (60, 0), "data": (300, 0), "benchmark": (300, 0), "decode": (300, 0), "cuda_tests": (300, 0),
+            "train": (300, 0), "eval": (300, 0)},
     budget_s=3600,
 )  # fmt: skip
 
@@ -130,6 +155,7 @@ class Check:
     dry: bool
     deadline: float
     steps: list[Step] = field(default_factory=list)
+    nanogpt: Path | None = None  # a nanoGPT model.py to time as a peer (--carry's nanogpt/)
     # offline, and the package importable from the checkout without installing it
     env: dict = field(default_factory=lambda: {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)})
@@ -286,11 +312,20 @@ def step_cuda_tests(check: Check, step: Step, later: list[str]) -> str:
 
 def step_benchmark(check: Check, step: Step, later: list[str]) -> str:
     out = check.out / "benchmark.json"
-    command(check, step, [sys.executable, "scripts/benchmark.py", *check.mode.benchmark, "--json", str(out)],
+    peers = ["--peer", f"nanogpt={check.nanogpt}"] if check.nanogpt else []
+    command(check, step, [sys.executable, "scripts/benchmark.py", *check.mode.benchmark, *peers, "--json", str(out)],
             check.out / "benchmark.txt", "benchmark", later)  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    return "; ".join(f"{r['scheme']} {r['dtype']}: {r['train_tok_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% "
-                     f"(paired {100 * r['mfu_paired']:.1f}%)" for r in rows)  # fmt: skip
+    return "; ".join(f"{r['scheme']}: {r['train_tok_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, compile+warm-up "
+                     f"{r.get('first_steps_s', r['warmup_s']):.0f} s" for r in rows)  # fmt: skip
+
+
+def step_decode(check: Check, step: Step, later: list[str]) -> str:
+    out = check.out / "decode.json"
+    command(check, step, [sys.executable, "scripts/benchmark_generate.py", *check.mode.decode, "--json", str(out)],
+            check.out / "decode.txt", "decode", later)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    return "; ".join(f"{r['case']}: {r['tok_s']:,.0f} tok/s" for r in rows if r.get("tok_s"))
 
 
 def step_train(check: Check, step: Step, later: list[str], pos: str, data: list[str]) -> str:
@@ -335,6 +370,22 @@ def step_eval(check: Check, step: Step, later: list[str]) -> str:
     return f"{ok} of {len(results)} cells scored"
 
 
+def use_carry(carry: Path, env: dict, out: Path) -> Path | None:
+    """Install --carry's wheels into a folder under OUT, put it first on the steps' PYTHONPATH, copy its token
+    caches into data/ where missing; return its nanoGPT model.py if it has one. Nothing outside OUT and data/."""
+    site = out / "carry_site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", str(site), *map(str, sorted((carry / "wheels").glob("*.whl")))],
+                   check=True)  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    for cache in sorted((carry / "data").glob("*/*/meta.json")):
+        dest = ROOT / "data" / cache.parent.relative_to(carry / "data")
+        if not dest.exists():
+            shutil.copytree(cache.parent, dest)
+    nano = carry / "nanogpt" / "model.py"
+    return nano if nano.is_file() else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The summary
 
@@ -353,6 +404,44 @@ def ppl_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def benchmark_table(out: Path) -> str:
+    """Training: each case's tokens/s, MFU, compile + warm-up and memory, and its ratios to each peer."""
+    path = out / "benchmark.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    peers = list(dict.fromkeys(r["vs"] for r in data.get("ratios", [])))
+    ratio = {(r["case"], r["vs"]): r for r in data.get("ratios", [])}
+    head = ["case", "tok/s", "MFU", "compile + warm-up s", "memory GB",
+            *(f"vs {p}: tok/s, compile, memory" for p in peers)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in data["rows"]:
+        mem = f"{r['peak_train_mem_mb'] / 1024:.1f}" if r.get("peak_train_mem_mb") else "-"
+        cells = [r["scheme"], f"{r['train_tok_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+                 f"{r.get('first_steps_s', r['warmup_s']):.1f}", mem]  # fmt: skip
+        for p in peers:
+            x = ratio.get((r["scheme"], p))
+            m = f"{x['peak_train_mem_mb']:.2f}x" if x and x["peak_train_mem_mb"] else "-"
+            cells.append(f"{x['train_tok_s']:.3f}x, {x['first_steps_s']:.2f}x, {m}" if x else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decode_table(out: Path) -> str:
+    """Decoding: each case's tokens/s and its ratios, as scripts/benchmark_generate.py wrote them."""
+    path = out / "decode.json"
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("case",)))
+    lines = ["| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    show = lambda v: f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(
+        v, float) else str(v)  # fmt: skip
+    lines += ["| " + " | ".join([str(r.get("case"))] + [show(r[k]) if r.get(k) is not None else "" for k in keys])
+              + " |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
 def summary(check: Check, started: str, total: float) -> str:
     lines = [f"# GPU check{' (dry run)' if check.dry else ''}, {started}", "",
              f"`{shlex.join(sys.argv)}`: {total:.0f} s in all", "",
@@ -362,6 +451,11 @@ def summary(check: Check, started: str, total: float) -> str:
     failed = [x for x in _read(check.out / "cuda_tests.txt").splitlines() if x.startswith(("FAILED", "ERROR"))]
     if failed:
         lines += ["", "CUDA tests that failed (details in cuda_tests.txt):", "", *(f"- `{f}`" for f in failed[:40])]
+    for title, table in (("Training at GPT-2 small (benchmark.json; ratios > 1: faster than the peer)",
+                          benchmark_table(check.out)),
+                         ("Batch-1 decoding at GPT-2 small (decode.json)", decode_table(check.out))):  # fmt: skip
+        if table:
+            lines += ["", title, "", table]
     table = ppl_table(check.out)
     if table:
         lines += ["", "Test perplexity by evaluation length (nonoverlapping windows; every protocol: eval/results.md)",
@@ -382,14 +476,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("out", nargs="?", default="", help="output folder (default outputs/gpu_check/<date_time>)")
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: checks the script, not the GPU")
-    ap.add_argument("--steps", default="env,data,cuda_tests,benchmark,train,eval",
+    ap.add_argument("--steps", default="env,data,benchmark,decode,cuda_tests,train,eval",
                     help="steps to run, by name or prefix (data always runs)")  # fmt: skip
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="positional schemes to train")
-    ap.add_argument("--budget-s", type=float, default=0, help="wall-clock budget (default 540 s; dry run 3600 s)")
+    ap.add_argument("--budget-s", type=float, default=0, help="wall-clock budget (default 570 s; dry run 3600 s)")
+    ap.add_argument("--carry", default="", help="the folder scripts/gpu_carry.py made (wheels, token cache, nanoGPT)")
     args = ap.parse_args()
     mode = DRY if args.dry_run else GPU
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA GPU here; run on a GPU machine, or use --dry-run to check the script on a CPU",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    carry = Path(args.carry).resolve() if args.carry else None
+    if carry is not None and not (carry / "wheels").is_dir():
+        print(f"error: --carry {args.carry}: no wheels/ folder there; make it with python scripts/gpu_carry.py",
               file=sys.stderr)  # fmt: skip
         return 2
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -399,9 +499,11 @@ def main() -> int:
     selected = lambda name: name == "data" or any(name == w or name.startswith(w) for w in wanted)
     t0 = time.monotonic()
     check = Check(out, mode, args.dry_run, t0 + (args.budget_s or mode.budget_s))
+    if carry is not None:
+        check.nanogpt = use_carry(carry, check.env, out)
     schemes = [s for s in args.schemes.split(",") if s]
-    plan = ([("env", "env"), ("data", "data"), ("cuda_tests", "cuda_tests"), ("benchmark", "benchmark")]
-            + [(f"train_{p}", "train") for p in schemes] + [("eval", "eval")])  # fmt: skip
+    plan = [("env", "env"), ("data", "data"), ("benchmark", "benchmark"), ("decode", "decode"),
+            ("cuda_tests", "cuda_tests"), *((f"train_{p}", "train") for p in schemes), ("eval", "eval")]
     plan = [(name, kind) for name, kind in plan if selected(name)]
     check.steps = [Step(name) for name, _ in plan]
     print(f"GPU check{' (dry run)' if args.dry_run else ''} -> {out}", flush=True)
@@ -435,7 +537,8 @@ def main() -> int:
     return 0 if all(s.ok for s in check.steps) else 1
 
 
-STEPS = {"env": step_env, "cuda_tests": step_cuda_tests, "benchmark": step_benchmark, "eval": step_eval}
+STEPS = {"env": step_env, "cuda_tests": step_cuda_tests, "benchmark": step_benchmark, "decode": step_decode,
+         "eval": step_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up by name
 spec.loader.exec_module(gpu_check)
 
 SCHEMES = ["rope", "sinusoidal", "learned", "alibi"]
-STEPS = ["env", "data", "cuda_tests", "benchmark", *(f"train_{p}" for p in SCHEMES), "eval"]
+STEPS = ["env", "data", "benchmark", "decode", "cuda_tests", *(f"train_{p}" for p in SCHEMES), "eval"]
 
 
 def test_the_token_cache_is_found_under_another_tokenizers_version(tmp_path, monkeypatch):
@@ -95,8 +95,15 @@ def test_dry_run_runs_every_step(tmp_path):
 
     for pos in SCHEMES:
         assert (out / "runs" / pos / "checkpoints" / "last.pt").is_file(), pos
-    bench = json.loads((out / "benchmark.json").read_text())["rows"]
-    assert [(b["scheme"], b["dtype"]) for b in bench] == [("rope", "fp32")] and bench[0]["mfu"] > 0
+    bench = json.loads((out / "benchmark.json").read_text())
+    cases = [b["scheme"] for b in bench["rows"]]
+    assert cases[:2] == ["rope", "rope[plain]"] and "hf-llama" in cases and all(b["mfu"] > 0 for b in bench["rows"])
+    assert {(r["case"], r["vs"]) for r in bench["ratios"]} >= {(c, "hf-llama") for c in cases}
+    assert "| rope[plain] | " in table and "vs hf-llama" in table  # the training table with its ratios
+    decode = json.loads((out / "decode.json").read_text())["rows"]
+    ours = [r for r in decode if r["side"] == "roformer"]
+    assert {r["decode"] for r in ours} == {"auto", "static"} and all(r["tok_s"] > 0 for r in ours)
+    assert all(r["match"] == 8 for r in decode)  # every case decoded the same 8 greedy ids
 
     results = json.loads((out / "eval" / "results.json").read_text())["results"]
     lengths = [32, 64, 128, 256]  # the training length 32 x 1, 2, 4, 8
