@@ -1,8 +1,8 @@
 """Hand-written fast paths that the model calls instead of PyTorch's general ops.
 
 * :func:`cross_entropy`: fp32 cross-entropy of low-precision logits; on CPU in cache-sized blocks of rows, with the
-  gradient made in the forward pass instead of by autograd over full-size fp32 copies of the logits; on CUDA
-  PyTorch's own, which torch.compile fuses (:data:`LOSS_BY_DEVICE`).
+  gradient made in the forward pass instead of by autograd over full-size fp32 copies of the logits; or PyTorch's
+  own, which torch.compile fuses (each device's choice: :data:`LOSS_BY_DEVICE`).
 * :func:`attention`: softmax attention that, for bf16 on CPU over short key lengths, runs as batched matmuls
   with an fp32 softmax (:class:`_MatmulAttention` in training, :func:`_attention_forward` without autograd);
   there PyTorch's CPU flash kernel is the slower one. Everything else goes to
@@ -82,13 +82,15 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 # The cross-entropy each device runs unless a model asks for another (TransformerLM.loss_impl):
-# * cpu, "blocked": _CrossEntropy, whose cache-sized blocks beat autograd over fp32 copies of the logits there;
-# * cuda, "plain": F.cross_entropy on an fp32 view of the logits, which torch.compile fuses with the upcast into
-#   its own kernels, with no saved (N, V) gradient; _CrossEntropy's Python loop over row blocks is unrolled into
-#   the compiled graph instead, and its saved gradient is one more (N, V) tensor written and read per step.
-# Chosen by measurement on each device, figures in docs/performance.md ("GPU").
+# * "blocked": _CrossEntropy, whose cache-sized blocks beat autograd over fp32 copies of the logits on a CPU
+#   (measured, docs/performance.md);
+# * "plain": F.cross_entropy on an fp32 view of the logits, which torch.compile fuses with the upcast, saving no
+#   (N, V) gradient; under compile, _CrossEntropy's loop over row blocks is unrolled into the graph instead.
+# cuda stays "blocked", the configuration measured on an H200 (issue 23: 0.91x nanoGPT), until a GPU times the two
+# in one run (scripts/gpu_check.py's benchmark step does: rope[plain:...] against rope[blocked:...]); then the
+# faster one goes here, with its figures in docs/performance.md ("GPU").
 LOSS_IMPLS = ("blocked", "plain")
-LOSS_BY_DEVICE = {"cpu": "blocked", "cuda": "plain"}
+LOSS_BY_DEVICE = {"cpu": "blocked", "cuda": "blocked"}
 
 
 def cross_entropy(

@@ -127,10 +127,11 @@ def resolve_compile(setting: str, device: torch.device, steps: int) -> bool:
 
 # What torch.compile covers on each device (trainer.compile_scope=auto): "model" traces the whole model as one graph;
 # "blocks" compiles one transformer block, whose graph every block reuses, plus the head and loss apart
-# (TransformerLM.head): dynamo traces a block once instead of n_layer times, which is most of a compile's time.
-# Chosen by measurement, figures in docs/performance.md ("GPU").
+# (TransformerLM.head): dynamo traces a block once instead of n_layer times (compile times on a CPU in
+# docs/performance.md), at the price of no fusion across block boundaries. cuda stays "model", the configuration
+# measured on an H200 (issue 23), until a GPU times both in one run (scripts/gpu_check.py's benchmark step).
 COMPILE_SCOPES = ("model", "blocks")
-COMPILE_SCOPE_BY_DEVICE = {"cuda": "blocks", "cpu": "model"}
+COMPILE_SCOPE_BY_DEVICE = {"cuda": "model", "cpu": "model"}
 
 
 def compile_model(model: torch.nn.Module, scope: str = "auto", mode: str | None = None) -> torch.nn.Module:

@@ -14,7 +14,8 @@
 Uses the KV cache (one forward per new token) and stops at the end-of-document token or max_new_tokens. An empty
 prompt starts a new document. Bad settings exit 2 and an unusable checkpoint exits 1, with one line on stderr;
 nothing is written. Settings: configs/generate.yaml; sampling: roformer/generation.py. ``decode``: auto | eager |
-static | graph | compile | compile-graph, as roformer/generation.py describes; a path that cannot serve the checkpoint falls back with a logged reason.
+static | graph | compile | compile-graph, as roformer/generation.py describes; a path that cannot serve the
+checkpoint falls back with a logged reason.
 """
 
 from __future__ import annotations
