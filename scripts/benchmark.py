@@ -34,8 +34,10 @@ Compile time, comparable across cases: ``first_steps_s`` is the wall time of bui
 running its first --warmup training steps, with nothing of that case before them; ``warmup_s`` adds its evaluation
 warm-up. A tiny compiled step before the first case keeps the process's one-off compiler start-up out of it.
 --fresh-cache points TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at a new empty folder before each case is built,
-so that no case reads compiled kernels from another's (or an earlier run's) folder; best effort: the caches torch
-keeps in the process's memory stay.
+so that no case reads compiled kernels from another's (or an earlier run's) folder. What torch keeps in the process's
+memory stays: dynamo's traced frames (a second model of ours reuses the block graph an earlier one compiled) and
+inductor's kernels. So only the first compile of each piece of code is cold (``cold`` in the rows; peers are built
+first); a cold figure for every variant takes one run per variant.
 
 Peak memory, comparable although every case stays resident: on CUDA, ``step_extra_mb`` is the allocator peak of one
 training step above what was allocated just before it, ``state_mb`` the case's parameters and optimizer state, and
@@ -182,9 +184,19 @@ def spread(times: list[float], n: int) -> tuple[float, float, float]:
 
 
 def plan(args, compiles: list[bool], device: str, codes: dict) -> dict[str, dict]:
-    """Every case of one set of rounds, by display name: ours per (code, compile, scheme, --ours spec), then each
-    peer per compile setting. Each holds its identity fields and ``make``, which builds it."""
+    """Every case of one set of rounds, by display name, in the order they are built: each peer per compile
+    setting, then ours per (code, compile, scheme, --ours spec). Each holds its identity fields and ``make``, which
+    builds it, and ``cold``: whether its compile can be compared as a cold one. In one process only the first
+    compile of a piece of code is: dynamo keeps its traced frames (a second model of ours reuses the block graph a
+    first one compiled) and inductor its kernels in memory, which --fresh-cache does not reach. So peers come first
+    (no code shared with ours) and, of ours, the first compiled case of each checkout is the cold one; the later
+    ones' first_steps_s is a lower bound (cold figures for each: one run per variant)."""
     cases = {}
+    for (peer, path), compile_ in itertools.product(args.peer, compiles):
+        name = peer + ("+compile" if compile_ else "")
+        cases[name] = dict(scheme=name, pos=None, code=None, peer=peer, compile=compile_, loss=None, scope=None,
+                           cold=True, make=functools.partial(PEERS[peer], args, device, compile_, path))  # fmt: skip
+    seen: set[str] = set()
     for (label, code), compile_, s, (loss, scope) in itertools.product(codes.items(), compiles, args.schemes,
                                                                         args.ours):  # fmt: skip
         if args.attention == "linear" and not SCHEMES[s].supports_linear:
@@ -194,13 +206,12 @@ def plan(args, compiles: list[bool], device: str, codes: dict) -> dict[str, dict
         if (loss, scope) not in (("auto", "auto"), ("auto", None)):  # the default keeps the bare scheme name
             name += f"[{loss}:{scope}]" if scope else f"[{loss}]"
         name += "+compile" if compile_ else ""
-        cases.setdefault(name, dict(scheme=name, pos=s, code=label, peer=None, compile=compile_, loss=loss,
-                                    scope=scope, make=functools.partial(build, args, s, device, compile_, code, loss,
-                                                                        scope)))  # fmt: skip
-    for (peer, path), compile_ in itertools.product(args.peer, compiles):
-        name = peer + ("+compile" if compile_ else "")
-        cases[name] = dict(scheme=name, pos=None, code=None, peer=peer, compile=compile_, loss=None, scope=None,
-                           make=functools.partial(PEERS[peer], args, device, compile_, path))  # fmt: skip
+        if name in cases:
+            continue
+        cold = not compile_ or label not in seen
+        seen |= {label} if compile_ else set()
+        cases[name] = dict(scheme=name, pos=s, code=label, peer=None, compile=compile_, loss=loss, scope=scope,
+                           cold=cold, make=functools.partial(build, args, s, device, compile_, code, loss, scope))
     return cases
 
 
@@ -284,7 +295,7 @@ def bench_case(args, dtype: str, compiles: list[bool], threads: int, device: str
         tr = statistics.median(c["train"])
         tok, tok_min, tok_max = spread(c["train"], B * T)
         ev, ev_min, ev_max = spread(c["eval"], EB * T)
-        row = {k: c[k] for k in ("scheme", "pos", "code", "peer", "loss", "scope", "compile")}
+        row = {k: c[k] for k in ("scheme", "pos", "code", "peer", "loss", "scope", "compile", "cold")}
         row |= {
             "dtype": dtype,
             "threads": threads,
@@ -343,12 +354,13 @@ def fmt(rows: list[dict], peak: dict) -> str:
             f"{r['scheme']:<{w}}{r['dtype']:<6}{'on' if r['compile'] else 'off':<5}{r['threads']:>3}"
             f"{r['train_tok_s']:>12,.0f}{tspread:>14}{vs:>8}{100 * r['mfu']:>6.1f}%{100 * r['mfu_paired']:>6.1f}%"
             f"{r['eval_tok_s']:>11,.0f}{espread:>17}{long:>10}{r['eval_tok_s'] / r['train_tok_s']:>10.2f}x"
-            f"{r['first_steps_s']:>7.1f}{mem:>8}"
+            f"{r['first_steps_s']:>6.1f}{' ' if r['cold'] else '*'}{mem:>8}"
         )
     lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
     lines.append("MFU*: median over rounds of the step's FLOP/s over a matmul's FLOP/s timed just before it")
     lines.append("vs nope: median over rounds of (step time / nope's step time in the same round)")
-    lines.append("1st s: build, compile and the first --warmup training steps; mem MB (CUDA): state + a step's peak")
+    lines.append("1st s: build, compile and the first --warmup training steps (*: after another case compiled the "
+                 "same code, a lower bound); mem MB (CUDA): state + a step's peak")  # fmt: skip
     return "\n".join(lines)
 
 

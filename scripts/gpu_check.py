@@ -104,13 +104,14 @@ class Mode:
 # today's CUDA default (auto:auto), the plain loss in the whole-model graph, and both losses under regional
 # compilation (cheap to compile twice), so that each device choice (kernels.LOSS_BY_DEVICE,
 # runtime.COMPILE_SCOPE_BY_DEVICE) is measured against its alternatives in the same rounds as nanoGPT and
-# transformers' Llama. --fresh-cache: each compiles cold.
+# transformers' Llama. Peers compile first, then plain:blocks, the candidate, cold; the later variants of ours reuse
+# some of its compiled code (benchmark.py: ``cold``), and auto:auto's cold compile is issue 23's 66-81 s.
 GPU = Mode(
     experiment="gpu_check",
     benchmark=["--device", "cuda", "--vocab", "50304", "--d-model", "768", "--n-layer", "12", "--n-head", "12",
                "--seq-len", "1024", "--batch", "16", "--dtypes", "bf16", "--compile", "on", "--schemes", "rope",
                "--optimizer", "fused", "--warmup", "3", "--rounds", "10", "--eval-batch", "1", "--eval-mult", "1",
-               "--ours", "auto:auto,plain:model,plain:blocks,blocked:blocks", "--peer", "hf-llama", "--fresh-cache"],
+               "--ours", "plain:blocks,auto:auto,plain:model,blocked:blocks", "--peer", "hf-llama", "--fresh-cache"],
     decode=["--device", "cuda", "--vocab", "50304", "--d-model", "768", "--n-layer", "12", "--n-head", "12",
             "--dtype", "bf16", "--prompt-len", "128", "--new-tokens", "256", "--runs", "3",
             "--decode", "eager,graph,compile", "--hf-cases", "dynamic,static"],

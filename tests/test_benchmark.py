@@ -147,7 +147,7 @@ def test_benchmark_times_our_variants_and_a_nanogpt_checkout_in_the_same_rounds(
     data = run_tiny(tmp_path, "--peer", f"nanogpt={checkout}", "--ours", "auto:auto,plain:model")
     assert data["args"]["peer"] == [["nanogpt", str(checkout / "model.py")]]
     # without compile there is no scope to choose: plain:model is the plain loss, labelled so
-    rows = check_rows_and_ratios(data, ["rope", "rope[plain]", "nanogpt"], ["nanogpt"])
+    rows = check_rows_and_ratios(data, ["nanogpt", "rope", "rope[plain]"], ["nanogpt"])
     assert (rows["rope"]["loss"], rows["rope"]["scope"]) == ("auto", None)
     assert (rows["rope[plain]"]["loss"], rows["rope[plain]"]["pos"]) == ("plain", "rope")
     assert rows["rope"]["eval_long_tok_s"] > 0
@@ -161,7 +161,7 @@ def test_benchmark_times_our_variants_and_a_nanogpt_checkout_in_the_same_rounds(
 def test_benchmark_times_transformers_llama(tmp_path):
     pytest.importorskip("transformers")
     data = run_tiny(tmp_path, "--peer", "hf-llama")
-    rows = check_rows_and_ratios(data, ["rope", "hf-llama"], ["hf-llama"])
+    rows = check_rows_and_ratios(data, ["hf-llama", "rope"], ["hf-llama"])
     d, L, V, T, h = 32, 2, 256, 16, 85  # SwiGLU width 8 d / 3: as many MLP parameters as ours
     assert rows["hf-llama"]["flops_per_token"] == 6 * (L * (4 * d * d + 3 * d * h + 2 * d) + d + V * d) + 12 * L * T * d
 
@@ -183,6 +183,22 @@ def test_hf_llama_peer_scores_our_targets_but_the_last_and_matches_our_mlp(monke
     logits = b.forward(inp)
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 64).float(), tgt[:, :-1].reshape(-1))
     assert b.loss(inp, tgt).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_peers_are_built_first_and_only_the_first_compile_of_our_code_counts_as_cold(monkeypatch):
+    """In one process a later model of ours reuses what an earlier one compiled (dynamo's traced block frame,
+    inductor's kernels), so its compile time is no cold one: the plan says which cases are."""
+    bm = script_module(monkeypatch, "benchmark")
+    args = SimpleNamespace(attention="softmax", schemes=["rope", "alibi"], peer=[("hf-llama", "")],
+                           ours=[("plain", "blocks"), ("auto", "auto"), ("blocked", "blocks")])  # fmt: skip
+    codes = {"now": None, "ref": None}
+    on = bm.plan(args, [True], "cpu", codes)
+    assert list(on)[0] == "hf-llama+compile" and on["hf-llama+compile"]["cold"]
+    assert [n for n, c in on.items() if c["cold"]] == ["hf-llama+compile", "rope[plain:blocks]+compile",
+                                                       "rope@ref[plain:blocks]+compile"]  # fmt: skip
+    assert len(on) == 1 + 2 * 2 * 3
+    off = bm.plan(args, [False], "cpu", codes)  # eager: nothing compiled, so every case is cold
+    assert all(c["cold"] for c in off.values()) and len(off) == 1 + 2 * 2 * 3
 
 
 @pytest.mark.parametrize(
