@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from roformer.config import Task, launch, to_eval_config
 from roformer.eval_run import run_evaluation
-from roformer.reporting import terminal_table
+from roformer.reporting import terminal_summary
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     with Task(failures=(ValueError, OSError)) as task:
         results = run_evaluation(task.config(cfg, to_eval_config), out_dir)
     ok = sum(r["status"] == "ok" for r in results["results"])
-    print(terminal_table(results))
+    print(terminal_summary(results))
     print(f"{ok} of {len(results['results'])} cells scored; every protocol and metric: {out_dir / 'results.md'}")
 
 

@@ -499,6 +499,15 @@ def _json_default(o):
     return str(o)
 
 
+def terminal_summary(results: dict) -> str:
+    """What evaluate.py prints: one :func:`terminal_table` per protocol that was scored, in the order the results
+    hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table."""
+    protocols = list(dict.fromkeys(r["protocol"] for r in results["results"]))
+    if not protocols:
+        return "no cells were scored"
+    return "\n\n".join(terminal_table(results, p) for p in protocols)
+
+
 def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:
     """The compact summary evaluate.py prints: perplexity and its ratio to the perplexity at the training length,
     by variant (rows) and length (columns), for one protocol, mean over seeds. results.md has the rest."""

@@ -28,7 +28,7 @@ from roformer.evaluation import (
 )
 from roformer.model import ModelConfig, TransformerLM
 from roformer.positional import PosConfig, RopeScaling
-from roformer.reporting import add_ratios, terminal_table
+from roformer.reporting import add_ratios, terminal_summary, terminal_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,6 +303,22 @@ def test_terminal_table():
         "n/a: learned (table size 32)",
     ]
     assert terminal_table({"results": rows[-1:], "checkpoints": []}) == "no nonoverlapping cells were scored"
+
+
+def test_terminal_summary_shows_every_protocol_that_was_scored():
+    """eval.protocols=[sliding] printed "no nonoverlapping cells were scored" (issue 22); now each protocol present
+    gets its table, in the results' order."""
+    sliding = [_row("rope", 0, 32, 10.0, protocol="sliding"), _row("rope", 0, 64, 11.0, protocol="sliding")]
+    add_ratios(sliding)
+    text = terminal_summary({"results": sliding, "checkpoints": []})
+    assert text.startswith("sliding perplexity, mean over seeds") and "nonoverlapping" not in text
+    assert "rope     1      ppl    10.00  11.00" in text.splitlines()
+    both = [_row("rope", 0, 32, 9.0, protocol="fixed_target"), *sliding, _row("rope", 0, 32, 8.0)]
+    add_ratios(both)
+    heads = [line.split(" perplexity")[0] for line in terminal_summary({"results": both}).splitlines()
+             if " perplexity, mean over seeds" in line]  # fmt: skip
+    assert heads == ["fixed_target", "sliding", "nonoverlapping"]
+    assert terminal_summary({"results": []}) == "no cells were scored"
 
 
 # ---- end to end: two tiny training runs, then evaluate.py over both ----
