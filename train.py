@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from roformer.config import Task, launch, swept_keys, to_config
+from roformer.config import Task, launch, swept_keys, to_config, typed
 from roformer.logger import run_names
 from roformer.runtime import dist_env
 from roformer.signals import Interrupted, exit_interrupted, interrupt_message, resume_command
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> float:
     # a bad value or combination: one line, exit 2; a failure while running: one line, exit 1 (a sweep: logged)
     with Task(failures=(ValueError, TrainingDiverged, OSError)) as task:
         tc = task.config(cfg, to_config)
-        names = run_names(list(hc.overrides.task), swept_keys(hc) if multirun else None,
+        names = run_names(typed(hc.overrides.task), swept_keys(hc) if multirun else None,
                           experiment=hc.runtime.choices.get("experiment"), scheme=tc.pos.name,
                           exclude=list(hc.job.config.override_dirname.exclude_keys), tags=tc.logger.tags)
         # explicit logger.group / logger.name win; the checkpoint keeps these, so evaluation runs can join them
@@ -61,7 +61,7 @@ def _resume_line(e: Interrupted, hc: DictConfig) -> str:
     """How to continue this run (a sweep job: as a single run in its own folder), with the overrides as given."""
     run_dir = Path(hc.runtime.output_dir)
     can_resume = (run_dir / "checkpoints" / "last.pt").exists()
-    command = resume_command([*hc.overrides.task, *hc.overrides.hydra], _near(run_dir), resume=can_resume,
+    command = resume_command([*typed(hc.overrides.task), *typed(hc.overrides.hydra)], _near(run_dir), resume=can_resume,
                              launcher=[*_launcher(), _near(__file__)])
     return interrupt_message(e, command, can_resume=can_resume)
 

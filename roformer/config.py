@@ -10,6 +10,10 @@ Hydra rejects an unknown key, a wrong type or a value outside an Enum while comp
 that span fields live in ``__post_init__`` and run when :func:`to_config` turns the composed ``DictConfig``
 into plain dataclasses, once, at the entry point.
 
+Resolvers ask the positional registry: ``${schemes:}`` lists the schemes and ``${reads:NAME}`` a scheme's options
+(help pages), and a preset that every scheme trains with sets one scheme's option with ``${if_read:KEY,VALUE}``
+(:func:`if_read`).
+
 ``configs/train.yaml`` lists ``train_schema`` first in its defaults, so every group option (``model/``,
 ``pos/``, ``data/``, ``optim/``, ``logger/``, ...) is merged into this typed tree; ``configs/evaluate.yaml``
 does the same with ``eval_schema``.
@@ -47,6 +51,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from roformer.eval_run import EvalConfig
 from roformer.files import atomic_write, check_creatable, first_line
+from roformer.positional import DEFAULTS, SCHEMES
 from roformer.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,37 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def schemes(kind: str = "") -> str:
+    """``${schemes:}``: the registered positional schemes, sorted, for help pages; ``${schemes:linear}``: those that
+    linear attention can use."""
+    if kind not in ("", "linear"):
+        raise ValueError(f"${{schemes:{kind}}}: give nothing (every scheme) or linear")
+    return ", ".join(sorted(n for n, c in SCHEMES.items() if not kind or c.supports_linear))
+
+
+def reads(name: str) -> str:
+    """``${reads:NAME}``: the pos.* options scheme NAME reads, for help pages."""
+    read = sorted(SCHEMES[name].options) if name in SCHEMES else []
+    return ", ".join(f"pos.{k}" for k in read) if read else "no pos.* option besides pos.name"
+
+
+def if_read(key: str, value, _parent_):
+    """``pos.KEY: ${if_read:KEY,VALUE}`` in a preset that every scheme trains with: VALUE where the selected scheme
+    reads pos.KEY, else the key's default (which it does not read either), so that the preset does not give the
+    other schemes an option they would be refused for (:meth:`PosConfig.check_options`)."""
+    if key not in DEFAULTS:
+        raise ValueError(f"${{if_read:{key},...}}: {key} is not a pos.* option; choose from {sorted(DEFAULTS)}")
+    if not isinstance(_parent_, DictConfig) or "name" not in _parent_:
+        raise ValueError(f"${{if_read:{key},{value}}} is for pos.* keys only (pos.{key}: ${{if_read:{key},{value}}})")
+    scheme = SCHEMES.get(_parent_.name)  # an unknown name is refused with the choices when PosConfig is made
+    return value if scheme is None or key in scheme.options else DEFAULTS[key]
+
+
+OmegaConf.register_new_resolver("schemes", schemes, replace=True)
+OmegaConf.register_new_resolver("reads", reads, replace=True)
+OmegaConf.register_new_resolver("if_read", if_read, replace=True)
 
 
 def _to_object(cfg: DictConfig, want: type):
@@ -93,6 +129,12 @@ def check_output_dir(argv: list[str]) -> None:
             sys.exit(1)
 
 
+def typed(overrides) -> list[str]:
+    """Hydra's list of override strings as typed: an override's ``${...}`` (``pos.max_len=${if_read:max_len,32}``)
+    stays unresolved, as it must (iterating the ListConfig would resolve it against that list, not the config)."""
+    return [str(o) for o in OmegaConf.to_container(overrides, resolve=False)]
+
+
 def swept_keys(hc: DictConfig) -> set[str]:
     """The keys that take several values in this job's sweep. A job's own overrides hold one value of each, so
     they are read from ``multirun.yaml``, the sweep's config that Hydra's sweeper writes into the sweep folder
@@ -100,8 +142,9 @@ def swept_keys(hc: DictConfig) -> set[str]:
     (another sweeper), the sweeper's ``params`` alone."""
     path = Path(hc.sweep.dir) / "multirun.yaml"
     sweep = OmegaConf.load(path).hydra if path.exists() else None
-    params = (hc if sweep is None else sweep).sweeper.get("params") or {}
-    lines = [f"{k}={v}" for k, v in params.items()] + ([] if sweep is None else list(sweep.overrides.task))
+    params = (hc if sweep is None else sweep).sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
+    lines = [f"{k}={v}" for k, v in params.items()] + ([] if sweep is None else typed(sweep.overrides.task))
     last = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(lines)}  # as the sweeper: last wins
     return {k for k, o in last.items() if o.is_sweep_override()}
 

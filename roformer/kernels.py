@@ -7,12 +7,14 @@
   with an fp32 softmax (:class:`_MatmulAttention` in training, :func:`_attention_forward` without autograd);
   there PyTorch's CPU flash kernel is the slower one. Everything else goes to
   ``F.scaled_dot_product_attention``.
+* :func:`rotate_pairs`: RoPE's rotation written straight into one new tensor (:func:`_rotate_into`), and in
+  training one autograd node (:class:`_Rotary`) whose backward is the rotation by the opposite angle.
 
 They exist because, in a CPU training step of this project's shape, the fp32 loss and the flash attention kernel
-were among the largest costs after the matmuls (docs/performance.md, "Where the time went"). Each must give
-what the plain PyTorch formula gives: their references (PyTorch's own ops and fp64 textbook formulas) live in
-``tests/test_kernels.py``. Measured speeds and errors are in ``docs/performance.md``, not here: they change
-with each torch release.
+were among the largest costs after the matmuls, and RoPE's overhead was that of many small kernels
+(docs/performance.md, "Where the time went"). Each must give what the plain PyTorch formula gives: their references
+(PyTorch's own ops, fp64 textbook formulas, RoPE's autograd composition) live in ``tests/test_kernels.py``.
+Measured speeds and errors are in ``docs/performance.md``, not here: they change with each torch release.
 """
 
 from __future__ import annotations
@@ -212,3 +214,51 @@ def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
+
+
+def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:
+    """out[:r] = R(angle) x[:r] pairwise, out[r:] = x[r:], written straight into one new tensor (no cat).
+
+    Four fused multiply(-add) kernels instead of six elementwise ops and a concatenation: on a CPU every kernel
+    is a pass over memory and a thread barrier, which is what RoPE's step-time overhead was made of.
+    """
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    if interleaved:
+        x1, x2, o1, o2 = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
+    else:
+        h = r // 2
+        x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)  # x2 cos + x1 sin
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE as one autograd node. The rotation is orthogonal, so its backward is the rotation by the opposite
+    angle (sin -> -sin): nothing but cos/sin is saved, and the backward costs the same four kernels."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, r: int, interleaved: bool):
+        ctx.save_for_backward(cos, sin)
+        ctx.r, ctx.interleaved, ctx.x_dtype = r, interleaved, x.dtype
+        return _rotate_into(x, cos, sin, r, interleaved)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        g = _Rotary.apply(grad, cos, -sin, ctx.r, ctx.interleaved)  # differentiable again (double backward)
+        return g.to(ctx.x_dtype), None, None, None, None
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:
+    """RoPE's rotation of the first ``r`` dimensions of x (..., T, D) by cos/sin (T, r/2), the rest passed through;
+    pairs (2i, 2i+1) when ``interleaved``, else (i, i + r/2). For constant angles (cos/sin need no gradient) and
+    eager code: under torch.compile, or with differentiable angles, use the plain composition of autograd ops
+    (``RoPE._apply_rotary_autograd``, the reference this is tested against)."""
+    if not torch.is_grad_enabled():  # inference (decoding): no autograd node to build, the kernels alone
+        return _rotate_into(x, cos, sin, r, interleaved)
+    return _Rotary.apply(x, cos, sin, r, interleaved)

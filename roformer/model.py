@@ -1,4 +1,4 @@
-"""A decoder-only transformer whose positional scheme is a plug-in (see ``positional.py``).
+"""A decoder-only transformer whose positional scheme is a plug-in (see the ``roformer.positional`` package).
 
 Token embedding -> n_layer pre-norm blocks (causal self-attention, GELU MLP) -> final norm -> LM head, tied to
 the embedding by default. Attention goes through ``kernels.attention``: ``F.scaled_dot_product_attention``, or
@@ -88,15 +88,16 @@ class ModelConfig:
 
 def check_positional(cfg: ModelConfig, pos_cfg: PosConfig) -> None:
     """The rules between a model and its positional scheme, asked of the scheme: its own (RoPE: an even rotary
-    dimension per head) and linear attention's (it never forms the score matrix a bias scheme adds to). Run when a
-    run's config is made, before any data work, and again when a model is built."""
+    dimension per head) and linear attention's (only for schemes that declare ``supports_linear``; never a bias
+    scheme: linear attention never forms the score matrix it adds to). Run when a run's config is made, before any
+    data work, and again when a model is built."""
     scheme = SCHEMES[pos_cfg.name]
     scheme.check(pos_cfg, d_model=cfg.d_model, n_head=cfg.n_head)
     if cfg.attention == AttentionKind.linear and not scheme.supports_linear:
-        raise ValueError(
-            f"model.attention=linear cannot use pos={pos_cfg.name} (it adds to an attention matrix that linear "
-            "attention never forms); use rope, nope, sinusoidal or learned"
-        )
+        why = ("it adds to an attention matrix that linear attention never forms" if scheme.has_bias
+               else "its class does not declare supports_linear: not checked with it")
+        usable = ", ".join(sorted(n for n, c in SCHEMES.items() if c.supports_linear))
+        raise ValueError(f"model.attention=linear cannot use pos={pos_cfg.name} ({why}); use one of {usable}")
 
 
 class KVCache:

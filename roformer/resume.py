@@ -1,10 +1,11 @@
 """What a resumed run may change, checked before any work, and what it carries over.
 
-A run is defined by its seed, its model (``model.*``), its positional scheme (``pos.*``), its tokens (the ``data.*``
-settings that change them, and the tokenizer), its batches (``trainer.seq_len``, and the global batch
-``batch_size x world_size x grad_accum`` as the sampler draws it: ``batch_size x world_size`` windows at a time,
-``grad_accum`` times a step) and its optimisation (``optim.*``: the optimizer's and the schedule's state come from
-the checkpoint, so another value would otherwise be silently ignored). A resume with another value of any of
+A run is defined by its seed, its model (``model.*``), its positional scheme (``pos.name`` and the ``pos.*`` options
+the scheme reads: a checkpoint keeps every ``pos.*`` key, and those its scheme never read are not compared), its
+tokens (the ``data.*`` settings that change them, and the tokenizer), its batches (``trainer.seq_len``, and the
+global batch ``batch_size x world_size x grad_accum`` as the sampler draws it: ``batch_size x world_size`` windows at
+a time, ``grad_accum`` times a step) and its optimisation (``optim.*``: the optimizer's and the schedule's state come
+from the checkpoint, so another value would otherwise be silently ignored). A resume with another value of any of
 these is refused in one line that names the key, the checkpoint's value, this run's value and the fix, unless
 ``trainer.resume_override=[key,...]`` names the key: then the change is logged (train.log) and recorded in every
 later checkpoint (``resume_overrides``). Another number of processes with the same ``batch_size x world_size`` draws
@@ -55,7 +56,7 @@ from roformer.files import one_line, to_plain
 from roformer.logger import cut_metrics
 from roformer.model import ModelConfig, TransformerLM
 from roformer.optim import OptimConfig
-from roformer.positional import PosConfig
+from roformer.positional import SCHEMES, PosConfig
 from roformer.runtime import set_rng_state
 from roformer.signals import requeue_resume
 
@@ -141,6 +142,15 @@ def _group_changes(group: str, saved: dict, current: dict, skip: tuple[str, ...]
             for k, v in current.items() if k not in skip and _differs(saved.get(k), v)]
 
 
+def _pos_compared(saved: dict, current: PosConfig) -> tuple[dict, dict]:
+    """The checkpoint's and this run's ``pos.*`` as compared: ``name``, and the options both schemes read (one
+    scheme: every option it reads). An option a scheme does not read did nothing, whatever its value."""
+    keys = SCHEMES[saved["name"]].options & SCHEMES[current.name].options
+    plain = to_plain(current)
+    return ({k: v for k, v in saved.items() if k == "name" or k in keys},
+            {k: v for k, v in plain.items() if k == "name" or k in keys})
+
+
 def run_changes(ckpt: dict, cfg, world_size: int) -> list[Change]:
     """Every run-defining difference between a checkpoint and this run's config (a TrainConfig) on ``world_size``
     processes, in the order seed, model, pos, data, trainer, optim; shape-changing ones carry why no override
@@ -151,7 +161,7 @@ def run_changes(ckpt: dict, cfg, world_size: int) -> list[Change]:
     if ckpt["train_cfg"]["seed"] != cfg.seed:
         out.append(Change("seed", ckpt["train_cfg"]["seed"], cfg.seed, f"seed={ckpt['train_cfg']['seed']}"))
     shape = (_group_changes("model", saved_model, to_plain(cfg.model), skip=("vocab_size",))
-             + _group_changes("pos", saved_pos, to_plain(cfg.pos)))
+             + _group_changes("pos", *_pos_compared(saved_pos, cfg.pos)))
     out += _mark_unloadable(shape, saved_model, saved_pos)
     out += _group_changes("data", {**to_plain(DataConfig()), **ckpt["data_cfg"]}, to_plain(cfg.data), DATA_NOT_TOKENS)
     if saved_t["seq_len"] != t.seq_len:
@@ -168,6 +178,8 @@ def run_changes(ckpt: dict, cfg, world_size: int) -> list[Change]:
 def _layout(model: dict, pos: dict) -> tuple[dict, list] | None:
     """The shapes the weights and the optimizer's state must fit (state_dict entries; parameters in order, as the
     optimizer numbers them), from a model built on the meta device; None for a combination that is no model."""
+    read = SCHEMES[pos["name"]].options if pos.get("name") in SCHEMES else set()
+    pos = {k: v for k, v in pos.items() if k == "name" or k in read}  # the others shape nothing: their defaults
     try:
         with torch.device("meta"):
             m = TransformerLM(ModelConfig(**model), PosConfig(**pos))
@@ -345,8 +357,8 @@ def architecture_change(ckpt: dict, cfg) -> Change | None:
     """The first ``model.*`` or ``pos.*`` key outside :data:`INIT_FREE` where ``ckpt`` and this run (a TrainConfig)
     differ; None when its weights are this run's model's."""
     saved_model, saved_pos = (to_plain(c) for c in ckpt_lib.configs_from_checkpoint(ckpt))
-    changes = _group_changes("model", saved_model, to_plain(cfg.model)) + _group_changes("pos", saved_pos,
-                                                                                        to_plain(cfg.pos))
+    changes = (_group_changes("model", saved_model, to_plain(cfg.model))
+               + _group_changes("pos", *_pos_compared(saved_pos, cfg.pos)))
     return next((c for c in changes if c.key not in INIT_FREE), None)
 
 

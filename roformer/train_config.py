@@ -16,7 +16,7 @@ from roformer.data.config import DataConfig
 from roformer.logger import LoggerConfig
 from roformer.model import ModelConfig, check_positional
 from roformer.optim import OptimConfig
-from roformer.positional import PosConfig, RopeScaling
+from roformer.positional import PosConfig
 from roformer.resume import check_override_keys
 from roformer.runtime import COMPILE_SCOPES, Device, Precision
 
@@ -117,17 +117,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.pos.check_options()  # an option the scheme does not read would do nothing: refused
         check_positional(self.model, self.pos)  # e.g. RoPE's rotary dimension: before any data work
         table = self.pos.max_positions  # None: the scheme has no limit
         if table is not None and self.trainer.seq_len > table:
             raise ValueError(
                 f"trainer.seq_len={self.trainer.seq_len} is beyond the {self.pos.name} position table "
                 f"(pos.max_len={table}); raise pos.max_len or shorten trainer.seq_len"
-            )
-        if self.pos.scaling != RopeScaling.none and not self.pos.supports_scaling:
-            raise ValueError(
-                f"pos.scaling={self.pos.scaling.value} applies to pos=rope only (pos={self.pos.name} would ignore it); "
-                "use pos.scaling=none"
             )
         data_vocab = getattr(self.data, "vocab_size", None)
         if data_vocab is not None and self.model.vocab_size < data_vocab:

@@ -6,8 +6,9 @@
     python scripts/run_study.py --out studies/mine --seeds 0,1 -- optim.lr=1e-3   # extra overrides for every run
 
 The study is data: configs/run_study.yaml, composed with Hydra's compose API and checked before any work.
-Variants: one per option of configs/pos/ (rope, sinusoidal, learned, alibi, nope, relative, t5; trained with
-pos=<name>, in the file's pos_order), then the ones it names (rope+linear: RoPE with linear attention), all with
+Variants: one per registered positional scheme (roformer.positional.SCHEMES, the options of configs/pos/; trained
+with pos=<name>, in the file's pos_order, then any other by name), then the ones it names (rope+linear: RoPE with
+linear attention), all with
 the preset's shape, data and token budget. A preset, configs/study/<preset>.yaml (cpu, quick, gpu), names the
 experiment every run trains (configs/experiment/), the seeds, and evaluate.py's eval.* settings. Each run goes
 to <out>/runs/<overrides> (a run that already has its last checkpoint is not trained again, so rerunning
@@ -48,6 +49,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 import roformer.config  # noqa: E402,F401  (registers train.yaml's schema, which experiment_seq_len composes)
 from roformer.evaluation import EvalSettings  # noqa: E402
 from roformer.files import atomic_write, one_line  # noqa: E402
+from roformer.positional import SCHEMES  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
 
 
@@ -142,15 +144,15 @@ def expand(override: str, *, seed: int, base: Path | None, seq_len: int) -> str:
 
 
 def study_variants(pos_order: list[str], named: dict[str, list[str]]) -> dict[str, list[str]]:
-    """One variant per option of configs/pos/ (pos_order first, the others by name), then the named ones."""
-    pos = options("pos")
+    """One variant per registered positional scheme (pos_order first, the others by name), then the named ones."""
+    pos = sorted(SCHEMES)
     stale = [v for v in pos_order if v not in pos]
     if stale:
-        raise ValueError(f"pos_order: {stale} not in configs/pos/; choose from {pos}")
+        raise ValueError(f"pos_order: {stale} are not positional schemes; choose from {pos}")
     variants = {v: [f"pos={v}"] for v in [*pos_order, *(v for v in pos if v not in pos_order)]}
     clash = [v for v in named if v in variants]
     if clash:
-        raise ValueError(f"variants: {clash} already name options of configs/pos/; choose other names")
+        raise ValueError(f"variants: {clash} already name positional schemes; choose other names")
     return variants | {str(v): [str(o) for o in overrides] for v, overrides in named.items()}
 
 

@@ -8,6 +8,11 @@ import sys
 
 import pytest
 from conftest import CONFIGS, REPO, compose, tiny_config
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -71,9 +76,13 @@ def test_sweep_folders_are_named_by_overrides():
 
 
 def test_pos_sweep_experiment_sweeps_every_scheme_and_three_seeds():
-    cfg = compose("experiment=pos_sweep", return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert set(params.pos.split(",")) == set(SCHEMES) and params.seed == "0,1,2"
+    """pos: glob(*) is every option of configs/pos/ (the registry: test_positional.py), as the sweeper expands it."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="test"):
+        cfg = hydra_compose("train", overrides=["experiment=pos_sweep"], return_hydra_config=True)
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+        params = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+        jobs = BasicSweeper.split_arguments(params, None)[0]
+    assert sorted(jobs) == sorted([f"pos={p}", f"seed={s}"] for p in SCHEMES for s in (0, 1, 2))
 
 
 @pytest.mark.parametrize("override,match", [

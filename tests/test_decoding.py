@@ -25,7 +25,7 @@ from test_generation import TEXT, _overfit_checkpoint
 from roformer import decoding
 from roformer.generation import generate
 from roformer.model import KVCache, ModelConfig, TransformerLM
-from roformer.positional import PosConfig, RopeScaling
+from roformer.positional import SCHEMES, PosConfig, RopeScaling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,6 +44,8 @@ SERVED = {
     "rope_values": ("rope", {"rotate_values": True}, {}),  # the ablation that also rotates values
     "rope_biases_untied": ("rope", {}, {"bias": True, "tie_embeddings": False, "activation": "gelu_tanh"}),
 }
+# and every other scheme without a bias, as its YAML trains it (a new scheme is covered without being listed)
+SERVED |= {n: (n, {}, {}) for n in sorted(SCHEMES) if not SCHEMES[n].has_bias and n not in SERVED}
 
 
 def tiny(name="rope", seed=0, pos=None, **model):
@@ -196,8 +198,7 @@ def test_two_interleaved_generations_of_one_model():
 
 
 @pytest.mark.parametrize("name, pos, model_kw, why", [
-    ("alibi", {}, {}, "bias to the attention scores"),
-    ("t5", {}, {}, "bias to the attention scores"),
+    *[(n, {}, {}, "bias to the attention scores") for n in sorted(SCHEMES) if SCHEMES[n].has_bias],
     ("rope", {"scaling": "dynamic_ntk", "scaling_factor": 1.0, "original_len": 16}, {}, "dynamic NTK"),
     ("rope", {}, {"attention": "linear"}, "running state"),
 ])  # fmt: skip

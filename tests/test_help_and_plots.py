@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from roformer.positional import SCHEMES
 from roformer.reporting import (
     per_position_figure,
     ppl_ratio_figure,
@@ -80,7 +81,10 @@ def test_train_help(helps):
         "python train.py -m experiment=pos_sweep",
     ):
         assert example in text, example
-    assert listed_groups(text)["pos"] == ["alibi", "learned", "nope", "relative", "rope", "sinusoidal", "t5"]
+    assert listed_groups(text)["pos"] == sorted(SCHEMES)  # ${schemes:}: the registry
+    linear = sorted(n for n, c in SCHEMES.items() if c.supports_linear)
+    assert f"linear: RoFormer 3.3, with {', '.join(linear)}\n" in text  # ${schemes:linear}
+    assert "pos.KEY=VALUE   # pos=rope reads pos.base, pos.layout, pos.original_len, pos.rotary_fraction," in text
     # the values come from the composed config
     assert "This command line selects: model=small pos=rope data=wikitext2 optim=adamw logger=wandb" in text
     assert "trainer.max_steps=600 " in text and "trainer.seq_len=256 " in text

@@ -149,7 +149,10 @@ def test_a_file_that_is_no_checkpoint_and_a_missing_path_are_refused(tmp_path, n
     with pytest.raises(ValueError, match=rf"^trainer.init_from: {re.escape(str(junk))} is not a"):
         train(tiny_config(f"trainer.init_from={junk}"), tmp_path / "run")
     assert files(tmp_path / "run") == []
-    with pytest.raises(ValueError, match="pos.scaling=pi applies to pos=rope only"):
+    with pytest.raises(ValueError, match=r"^pos.scaling=pi, pos.scaling_factor=2.0, pos.original_len=32: pos=alibi "
+                                         r"does not read them \(alibi reads no pos.\* option besides pos.name; "
+                                         r"pos.scaling, pos.scaling_factor, pos.original_len are read by rope\); "
+                                         r"drop them$"):
         tiny_config("pos=alibi", "pos.scaling=pi", "pos.scaling_factor=2", "pos.original_len=32")
 
 

@@ -1,6 +1,5 @@
-"""Hand-written autograd nodes (roformer/kernels.py: fused cross-entropy, CPU causal attention; and RoPE's fused
-rotation in roformer/positional.py) against PyTorch's own ops and fp64 references, and the allocator setting
-that CPU training relies on."""
+"""Hand-written autograd nodes (roformer/kernels.py: fused cross-entropy, CPU causal attention, RoPE's fused
+rotation) against PyTorch's own ops and fp64 references, and the allocator setting that CPU training relies on."""
 
 import subprocess
 import sys

@@ -13,7 +13,7 @@ from roformer.model import AttentionKind, CausalSelfAttention, KVCache, ModelCon
 from roformer.positional import SCHEMES, PosConfig, PositionOutOfRange, RopeScaling, build_positional
 
 TRAIN_LEN = 24
-LINEAR_OK = ["rope", "nope", "sinusoidal", "learned"]
+LINEAR_OK = sorted(n for n, c in SCHEMES.items() if c.supports_linear)
 CASES = [(s, "softmax") for s in sorted(SCHEMES)] + [(s, "linear") for s in LINEAR_OK]
 
 

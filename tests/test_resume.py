@@ -132,6 +132,20 @@ def test_the_same_global_batch_on_another_number_of_processes_needs_no_override(
         check_run(ck, tiny_config("trainer.batch_size=5"), 3, base)
 
 
+def test_a_resume_compares_only_the_pos_options_the_scheme_reads(base):
+    """A checkpoint keeps every pos.* key (older presets gave every scheme pos.max_len=128): the keys its scheme
+    never read do not stop a resume, and one it reads still does."""
+    ck = ckpt_lib.load_checkpoint(base)  # rope
+    ck["pos_cfg"] = {**ck["pos_cfg"], "max_len": 128, "clip": 3, "num_buckets": 8}
+    assert check_run(ck, tiny_config(), 1, base) == []
+    with pytest.raises(ValueError, match=r": pos.base=10000.0 in the checkpoint, 500.0 in this run; use pos.base="):
+        check_run(ck, tiny_config("pos.base=500"), 1, base)
+    # another scheme: its name changes, and of the options only those both schemes read are compared
+    cfg = tiny_config("pos=sinusoidal", "pos.base=500", "trainer.resume_override=[pos.name,pos.base]")
+    changes = check_run(ck, cfg, 1, base)
+    assert [c.key for c in changes] == ["pos.name", "pos.base"]
+
+
 def test_overrides_are_accepted_logged_and_recorded_across_resumes(run, toy_data, caplog):
     cfg = tiny_config("seed=1", "trainer.batch_size=4", "trainer.max_steps=6", "trainer.resume=auto",
                       "trainer.resume_override=[seed,trainer.batch_size]")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, REPO
 
+from roformer.positional import SCHEMES
+
 spec = importlib.util.spec_from_file_location("run_study", REPO / "scripts" / "run_study.py")
 run_study = importlib.util.module_from_spec(spec)
 sys.modules["run_study"] = run_study  # dataclasses and OmegaConf look their module up by name
@@ -156,19 +158,16 @@ def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_run
     assert json.loads((out / "study.json").read_text())["variants"] == [*OLD_VARIANTS, *NEW_VARIANTS]
 
 
-def test_variants_are_the_pos_options_in_the_study_order_then_the_named_ones():
+def test_variants_are_the_schemes_in_the_study_order_then_the_named_ones():
     study = run_study.load_study("cpu")
     pos_order = ["rope", "sinusoidal", "learned", "alibi", "nope", "relative", "t5"]
-    assert set(options("pos")) == set(pos_order)  # a new scheme's YAML is a variant anyway; list it in pos_order
-    assert list(study.variants) == [*pos_order, "rope+linear", *NEW_VARIANTS]
-    assert all(study.variants[v] == [f"pos={v}"] for v in options("pos"))
+    others = sorted(set(SCHEMES) - set(pos_order))  # a new scheme is a variant without being listed anywhere
+    assert list(study.variants) == [*pos_order, *others, "rope+linear", *NEW_VARIANTS]
+    assert all(study.variants[v] == [f"pos={v}"] for v in SCHEMES)
 
 
-def test_a_new_pos_option_is_a_variant(tmp_path, monkeypatch):
-    configs = tmp_path / "configs"
-    shutil.copytree(CONFIGS, configs)
-    (configs / "pos" / "xpos.yaml").write_text("name: xpos\n")
-    monkeypatch.setattr(run_study, "CONFIGS", configs)
+def test_a_new_scheme_is_a_variant(monkeypatch):
+    monkeypatch.setattr(run_study, "SCHEMES", {**SCHEMES, "xpos": object})
     variants = run_study.load_study("cpu").variants
     assert list(variants)[-4:-2] == ["xpos", "rope+linear"] and variants["xpos"] == ["pos=xpos"]
 
@@ -198,8 +197,8 @@ def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch,
     ("study/quick.yaml", "extrapolation_quick", "extrapolation_fast",
      "experiment=extrapolation_fast is not in configs/experiment/; choose from ['extension', 'extrapolation', "),
     ("study/quick.yaml", "seeds: [0]", "seed: [0]", "configs/study/quick.yaml: Key 'seed' not in 'Preset'"),
-    ("run_study.yaml", "relative, t5]", "relative, t5, xpos]", "pos_order: ['xpos'] not in configs/pos/"),
-    ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name options of configs/pos/"),
+    ("run_study.yaml", "relative, t5]", "relative, t5, xpos]", "pos_order: ['xpos'] are not positional schemes"),
+    ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name positional schemes"),
 ])  # fmt: skip
 def test_a_bad_study_config_fails_in_one_line(tmp_path, monkeypatch, file, old, new, message):
     configs = tmp_path / "configs"

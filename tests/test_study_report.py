@@ -224,7 +224,7 @@ def test_run_study_end_to_end_and_continues(tmp_path):
            "data=text_files", f"data.train_files=[{tmp_path / 'train.txt'}]",
            f"data.test_files=[{tmp_path / 'test.txt'}]", "data.txt_sample_by=paragraph",
            f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300", "model.d_model=32", "model.n_layer=1",
-           "trainer.seq_len=16", "pos.max_len=16", "trainer.batch_size=4", "trainer.max_steps=3",
+           "trainer.seq_len=16", "trainer.batch_size=4", "trainer.max_steps=3",
            "trainer.eval_interval=0", "trainer.eval_iters=2"]  # fmt: skip
     env_cmd = dict(capture_output=True, text=True, timeout=600)
     r = subprocess.run(cmd, **env_cmd)
