@@ -400,25 +400,25 @@ def report(cases: list[Case], linear: list[float], hf, why: str) -> None:
     hf_cases = [c for c in cases if c.side == "transformers"]
     single = len(ours_cases) == 1 and len(hf_cases) <= 1
     ref = next((c for c in ours_cases if c.ids), None)
-    for c in ours_cases:
+    def line(side: str, pad: str, c: Case, where: str) -> bool:
+        """The case's generate line (or its failure); whether it has rates."""
         tag = "" if single else f" [{c.name}]"
         if not c.rates:
-            print(f"roformer generate{tag}  FAILED: {c.error or 'no runs'}")
-            continue
-        print(f"roformer generate{tag}      {fmt(c.rates)}  {c.path}")
-        if c.decode_rates:
-            print(f"roformer decode only{tag}   {fmt(c.decode_rates)}")
+            print(f"{side} generate{tag}  FAILED: {c.error or 'no runs'}")
+        else:
+            print(f"{side} generate{tag}{pad}{fmt(c.rates)}  {where}")
+        return bool(c.rates)
+
+    for c in ours_cases:
+        if line("roformer", "      ", c, c.path) and c.decode_rates:
+            print(f"roformer decode only{'' if single else f' [{c.name}]'}   {fmt(c.decode_rates)}")
     if linear and ours_cases and ours_cases[0].rates:
         print(f"roformer, F.linear     {fmt(linear)}  (weights as nn.Linear holds them: "
               f"{statistics.median(ours_cases[0].rates) / statistics.median(linear):.2f}x slower)")
     if hf is None:
         print(f"transformers generate  skipped: {why}")
     for c in hf_cases:
-        tag = "" if single else f" [{c.name}]"
-        if not c.rates:
-            print(f"transformers generate{tag}  FAILED: {c.error or 'no runs'}")
-            continue
-        print(f"transformers generate{tag}  {fmt(c.rates)}  ({type(hf).__name__}, {c.path})")
+        line("transformers", "  ", c, f"({type(hf).__name__}, {c.path})")
     for c in cases:
         if c.ids is not None and ref is not None and c is not ref:
             print(f"greedy ids: {c.label} equals {ref.label} for the first {_leading_equal(c.ids, ref.ids)} of "

@@ -437,10 +437,14 @@ def decode_table(out: Path) -> str:
     rows = json.loads(path.read_text())["rows"]
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("case",)))
     lines = ["| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    show = lambda v: f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(
-        v, float) else str(v)  # fmt: skip
-    lines += ["| " + " | ".join([str(r.get("case"))] + [show(r[k]) if r.get(k) is not None else "" for k in keys])
-              + " |" for r in rows]  # fmt: skip
+    def show(v) -> str:  # ratios and seconds to 3 decimals, rates as whole numbers
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines += ["| " + " | ".join([str(r.get("case"))] + [show(r.get(k)) for k in keys]) + " |" for r in rows]
     return "\n".join(lines)
 
 
