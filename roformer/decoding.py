@@ -74,6 +74,10 @@ def unsupported(model: TransformerLM, capacity: int) -> str | None:
         return f"model.attention={model.cfg.attention.value} keeps a running state, not keys and values"
     if model.pos.has_bias:
         return f"pos={model.pos.name} adds a bias to the attention scores"
+    if not model.pos.qk_alike:
+        return f"pos={model.pos.name} transforms queries and keys differently"
+    if model.pos.randomized:
+        return f"pos.randomized_max={model.pos.cfg.randomized_max}: positions are drawn, not counted"
     if not model.pos.same_rotation(1, capacity):
         return (f"pos={model.pos.name} with scaling={model.pos.cfg.scaling.value} changes its rotation with the "
                 f"total length before {capacity} positions (dynamic NTK past its original length)")

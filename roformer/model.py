@@ -116,12 +116,14 @@ class KVCache:
         self.ids: torch.Tensor | None = None  # (B, S) their token ids
         self.n_pos = 0  # 1 + largest cached position
         self.start: int | None = 0  # first position when the positions are start, start+1, ...; else None
+        # randomized positions (pos.randomized_max): the draw for the whole capacity, made by the first forward
+        self.planned: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.positions is None else self.positions.numel()
 
     def clear(self) -> None:
-        self.layers, self.positions, self.ids, self.n_pos, self.start = {}, None, None, 0, 0
+        self.layers, self.positions, self.ids, self.n_pos, self.start, self.planned = {}, None, None, 0, 0, None
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values (B, H, T, D) after the cached ones; return all of them (views)."""
@@ -229,7 +231,7 @@ class CausalSelfAttention(nn.Module):
             bctx, kb, vb = (
                 (replace(ctx, k_pos=ctx.k_pos[:e]), k[:, :, :e], v[:, :, :e]) if ctx.is_causal else (ctx, k, v)
             )
-            bias = pos.bias(q[:, :, idx], bctx, self.layer, idx)
+            bias = pos.bias(q[:, :, idx], kb, bctx, self.layer, idx)
             allowed = bctx.k_pos[None, :] <= ctx.q_pos[idx, None]  # (t, S)
             bias = bias.masked_fill(~allowed, float("-inf"))
             out.append(attention(q[:, :, idx], kb, vb, bias, dropout_p=p))
@@ -412,6 +414,13 @@ class TransformerLM(nn.Module):
         """
         B, T = idx.shape
         dev = idx.device
+        cached = cache is not None and len(cache) > 0
+        drawn = positions is None and self.pos.randomized
+        if drawn and cache is not None and not cached:  # plan the whole capacity, so decoding can go on
+            cache.planned = self.pos.draw_positions(max(T, cache.capacity), dev)
+            positions = cache.planned[:T]
+        elif drawn:
+            positions = self._drawn_positions(T, cache if cached else None, offset, dev)
         if positions is None:
             start = (cache.n_pos if cache is not None else 0) if offset is None else offset
             q_pos = torch.arange(start, start + T, device=dev)
@@ -419,7 +428,6 @@ class TransformerLM(nn.Module):
         else:
             q_pos = positions.to(dev)
             n_pos = int(q_pos.max()) + 1
-        cached = cache is not None and len(cache) > 0
         k_pos = torch.cat((cache.positions, q_pos)) if cached else q_pos
         if cached:
             n_pos = max(n_pos, cache.n_pos)
@@ -435,7 +443,7 @@ class TransformerLM(nn.Module):
         )
         # The fused causal kernel applies when the keys are exactly the queries in increasing order; a lone
         # query after a cache sees every key. Anything else gets an explicit boolean mask from the positions.
-        contiguous = positions is None
+        contiguous = positions is None or drawn  # drawn positions increase with the index, as counted ones do
         if contiguous and not cached:
             ctx.is_causal = True
         elif contiguous and T == 1:
@@ -455,6 +463,20 @@ class TransformerLM(nn.Module):
             cache.ids = torch.cat((cache.ids, idx), dim=1) if cached else idx
             cache.positions, cache.n_pos = k_pos, n_pos
         return logits, loss
+
+    def _drawn_positions(self, T: int, cache: KVCache | None, offset: int | None, dev) -> torch.Tensor:
+        """Randomized positions for T tokens: a fresh draw for a sequence from its start, or the next T of the
+        draw a cache planned when it was filled (so cached decoding meets the full forward of the same length)."""
+        if cache is None:
+            if offset:
+                raise ValueError(f"offset={offset} with randomized positions (pos.randomized_max): a window is drawn "
+                                 "its own positions; score it from its start or pass positions")
+            return self.pos.draw_positions(T, dev)
+        n = len(cache)
+        if cache.planned is None or n + T > cache.planned.numel():
+            raise ValueError(f"randomized positions: the cache planned {0 if cache.planned is None else cache.planned.numel()} "
+                             f"positions and {n + T} are asked; give KVCache(capacity=) the final length")
+        return cache.planned[n : n + T]
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, reduction: str = "mean"):
         """Final norm, LM head and loss: (logits, loss or None). Its own method so that regional compilation
@@ -482,6 +504,7 @@ class TransformerLM(nn.Module):
             or self.cfg.attention != AttentionKind.softmax
             or self.pos.has_bias
             or not self.pos.same_rotation(n, n + 1)
+            or self.pos.randomized
         ):
             return self.forward(idx, cache=cache)[0]
         dev = idx.device

@@ -150,7 +150,7 @@ def test_attention_layer_matches_textbook(name):
     got = attn(x, pos, ctx, None)
     q, k, v = attn.qkv(x).view(1, 10, 3, 2, 8).permute(2, 0, 3, 1, 4)
     q, k, v = pos.rotate(q, k, v, ctx)
-    bias = pos.bias(q, ctx, 0, slice(0, 10))
+    bias = pos.bias(q, k, ctx, 0, slice(0, 10))
     y = naive_attention(q, k, v, bias).float()
     ref = attn.proj(y.transpose(1, 2).reshape(1, 10, 16))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

@@ -162,7 +162,7 @@ def test_alibi_bias_is_minus_slope_times_distance():
     alibi = build_positional(PosConfig(name="alibi"), d_model=32, n_head=4, n_layer=1)
     pos = torch.arange(6)
     ctx = alibi.context(pos, pos, 6, torch.float32)
-    b = alibi.bias(torch.zeros(1, 4, 6, 8), ctx, 0, slice(0, 6))
+    b = alibi.bias(torch.zeros(1, 4, 6, 8), torch.zeros(1, 4, 6, 8), ctx, 0, slice(0, 6))
     for h, slope in enumerate(alibi_slopes(4).tolist()):
         for m in range(6):
             for n in range(m + 1):
@@ -176,7 +176,7 @@ def test_relative_bias_matches_shaw_reference():
     q = torch.randn(1, 2, 10, 8)
     pos = torch.arange(10)
     ctx = rel.context(pos, pos, 10, torch.float32)
-    b = rel.bias(q, ctx, 1, slice(0, 10))
+    b = rel.bias(q, q, ctx, 1, slice(0, 10))
     table = rel.tables[1]
     for m in range(10):
         for n in range(10):

@@ -40,9 +40,11 @@ def other_value(key: str):
 def test_what_each_scheme_reads():
     reads = {n: sorted(SCHEMES[n].options) for n in ORIGINAL}
     assert reads == {
-        "rope": ["base", "layout", "original_len", "rotary_fraction", "rotate_values", "scaling", "scaling_factor"],
-        "sinusoidal": ["base", "scale_embeddings"], "learned": ["max_len"], "alibi": [], "nope": [],
-        "relative": ["clip"], "t5": ["max_distance", "num_buckets"],
+        "rope": ["base", "high_freq_factor", "layout", "low_freq_factor", "original_len", "randomized_max",
+                 "rotary_fraction", "rotate_values", "scaling", "scaling_factor"],
+        "sinusoidal": ["base", "randomized_max", "scale_embeddings"], "learned": ["max_len", "randomized_max"],
+        "alibi": ["randomized_max"], "nope": [], "relative": ["clip", "randomized_max"],
+        "t5": ["max_distance", "num_buckets", "randomized_max"],
     }
     assert all(readers(k) for k in DEFAULTS)  # every option is read by some scheme
 
@@ -140,7 +142,7 @@ class ZeroBias(PositionalScheme):
 
     options = frozenset({"clip"})
 
-    def bias(self, q, ctx, layer, q_idx):
+    def bias(self, q, k, ctx, layer, q_idx):
         return torch.zeros(1, 1, q.shape[2], ctx.k_pos.numel())
 
 

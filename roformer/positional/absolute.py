@@ -31,7 +31,7 @@ class Sinusoidal(PositionalScheme):
     the ALiBi paper's): the embeddings are multiplied by sqrt(d_model) and the table is added unscaled.
     """
 
-    options = frozenset({"base", "scale_embeddings"})
+    options = frozenset({"base", "scale_embeddings", "randomized_max"})
     supports_linear = True
 
     def embed(self, x, ctx):
@@ -45,12 +45,18 @@ class Sinusoidal(PositionalScheme):
 class LearnedAbsolute(PositionalScheme):
     """GPT-2-style trainable table of ``pos.max_len`` positions; beyond it the model has nothing to say."""
 
-    options = frozenset({"max_len"})
+    options = frozenset({"max_len", "randomized_max"})
     supports_linear = True
 
     @classmethod
     def max_positions(cls, cfg: PosConfig) -> int | None:
-        return cfg.max_len
+        return cfg.randomized_max or cfg.max_len
+
+    @classmethod
+    def check(cls, cfg: PosConfig, *, d_model: int, n_head: int) -> None:
+        if cfg.randomized_max > cfg.max_len:
+            raise ValueError(f"pos.randomized_max={cfg.randomized_max} draws positions beyond the learned table "
+                             f"(pos.max_len={cfg.max_len}); set pos.max_len to at least {cfg.randomized_max}")
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)

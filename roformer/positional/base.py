@@ -36,6 +36,14 @@ class RopeScaling(str, Enum):
     ntk = "ntk"  # NTK-aware base scaling
     dynamic_ntk = "dynamic_ntk"  # NTK base scaling chosen from the current length
     yarn = "yarn"  # Peng et al., 2023
+    llama3 = "llama3"  # Llama 3's reference code: by wavelength, PI for the long ones, none for the short ones
+
+
+class KerpleKind(str, Enum):
+    """KERPLE's kernel (Chi et al., 2022): the bias -r1 log(1 + r2 |m - n|) or -r1 |m - n|^r2."""
+
+    log = "log"
+    power = "power"
 
 
 @dataclass
@@ -56,6 +64,22 @@ class PosConfig:
     scaling: RopeScaling = RopeScaling.none
     scaling_factor: float = 1.0
     original_len: int = 0
+    # rope, scaling llama3: wavelengths above original_len / low_freq_factor are interpolated by the factor, those
+    # below original_len / high_freq_factor are kept, a ramp in between (Llama 3.1's values: 1 and 4).
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # xpos: the exponent's scale: query n is scaled by zeta^(n / B), key m by zeta^(-m / B) (the reference code: 512).
+    xpos_scale_base: float = 512.0
+    # xpos, evaluation: blockwise causal attention of the xPos paper: with the training length l given here, each
+    # query attends to its own block of l/2 positions and the previous block only. 0: off (full causal attention).
+    bca_len: int = 0
+    # kerple: the kernel, log (the paper's best) or power.
+    kerple_kind: KerpleKind = KerpleKind.log
+    # cope: contextual positions are capped at cope_max - 1; one learned embedding per integer position below it.
+    cope_max: int = 64
+    # every scheme that takes integer positions: randomized positions of Ruoss et al. (2023): each sequence gets a
+    # sorted random subset of [0, randomized_max) as its positions, in training and in evaluation. 0: off.
+    randomized_max: int = 0
     # sinusoidal: fairseq's form, which the ALiBi paper used: token embeddings times sqrt(d_model) plus the sinusoid
     # unscaled. Off: the sinusoid times d_model^-0.5 plus the embeddings unscaled (the same ratio of sizes at init
     # only if the embeddings had std d_model^-0.5; ours start at GPT-2's 0.02).
@@ -89,6 +113,19 @@ class PosConfig:
                 f"pos.scale_embeddings=true applies to {readers('scale_embeddings')} only, not pos.name={self.name}; "
                 "drop it"
             )
+        for key in ("bca_len", "randomized_max"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"pos.{key}={getattr(self, key)} must be >= 0 (0: off)")
+        if self.bca_len % 2:
+            raise ValueError(f"pos.bca_len={self.bca_len} is split into blocks of half of it: give an even length")
+        if self.cope_max < 2:
+            raise ValueError(f"pos.cope_max={self.cope_max} must be at least 2 (positions 0 .. cope_max - 1)")
+        if self.xpos_scale_base <= 0:
+            raise ValueError(f"pos.xpos_scale_base={self.xpos_scale_base} must be positive")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"pos.low_freq_factor={self.low_freq_factor}, pos.high_freq_factor="
+                             f"{self.high_freq_factor}: need 0 < low_freq_factor < high_freq_factor")
+        self.kerple_kind = KerpleKind(self.kerple_kind)
         if self.scaling_factor < 1.0:
             raise ValueError(f"pos.scaling_factor={self.scaling_factor} must be >= 1 (1 means no scaling)")
         self.scaling = RopeScaling(self.scaling)
@@ -190,6 +227,9 @@ class PositionalScheme(nn.Module):
     name: ClassVar[str] = ""
     options: ClassVar[frozenset[str]] = frozenset()  # the pos.* keys it reads besides name (PosConfig fields)
     supports_linear: ClassVar[bool] = False  # usable with model.attention=linear: declared, never assumed
+    # rotate() treats queries and keys alike from ctx.cos/ctx.sin alone, so the static decoder (roformer.decoding)
+    # may rotate them as one tensor; a scheme that scales them apart (xPos) says False
+    qk_alike: ClassVar[bool] = True
     # Derived from the class in __init_subclass__, never set by hand:
     has_bias: ClassVar[bool] = False  # overrides bias(): adds to attention scores (the additive-bias path)
     supports_scaling: ClassVar[bool] = False  # overrides with_scaling(): a zero-shot context extension
@@ -220,8 +260,9 @@ class PositionalScheme(nn.Module):
     @classmethod
     def max_positions(cls, cfg: PosConfig) -> int | None:
         """Largest number of positions (0 .. n-1) this scheme can represent with ``cfg``; None when unbounded.
-        A classmethod, so configs can be checked without building the module."""
-        return None
+        A classmethod, so configs can be checked without building the module. With randomized positions, a
+        sequence takes at most pos.randomized_max of them."""
+        return cfg.randomized_max or None if "randomized_max" in cls.options else None
 
     @classmethod
     def check(cls, cfg: PosConfig, *, d_model: int, n_head: int) -> None:
@@ -255,9 +296,40 @@ class PositionalScheme(nn.Module):
     def rotate(self, q, k, v, ctx: PosContext):
         return q, k, v
 
-    def bias(self, q: torch.Tensor, ctx: PosContext, layer: int, q_idx: slice) -> torch.Tensor | None:
-        """Additive score bias for queries ``q`` (B, H, t, D) at ``ctx.q_pos[q_idx]`` against all keys."""
+    def bias(self, q: torch.Tensor, k: torch.Tensor, ctx: PosContext, layer: int, q_idx: slice) -> torch.Tensor | None:
+        """Additive score bias (B or 1, H, t, S) for queries ``q`` (B, H, t, D) at ``ctx.q_pos[q_idx]`` against the
+        keys ``k`` (B, H, S, D) at ``ctx.k_pos``, both after ``rotate``. Masked entries are overwritten with -inf by
+        the model; a scheme whose bias reads the scores (CoPE) masks them itself."""
         return None
+
+    def score_mod(self, ctx: PosContext, layer: int):
+        """The same bias as FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, where q_idx and
+        kv_idx index ``ctx.q_pos`` and ``ctx.k_pos``; None when the scheme has none (then the model adds
+        ``bias`` as a mask). Only for biases that depend on positions alone, so FlexAttention never materialises
+        them (the model's ``attention_kernel`` decides when it is used)."""
+        return None
+
+    @property
+    def randomized(self) -> bool:
+        """Whether positions are drawn at random (:meth:`draw_positions`) rather than counted 0, 1, 2, ..."""
+        return bool(self.cfg.randomized_max) and "randomized_max" in self.options
+
+    def draw_positions(self, n: int, device) -> torch.Tensor | None:
+        """Randomized positions (Ruoss et al., 2023, section 3): for a sequence starting at position 0, a sorted
+        random subset of [0, pos.randomized_max) of size n, or None when off or the scheme takes no integer
+        positions. As in the paper, evaluation draws too (the model never saw consecutive positions); there the
+        draw is fixed per length (seed n), so a score is reproducible and a cached decode of n positions meets the
+        full forward's. Training draws from torch's global generator, which checkpoints save."""
+        if not self.randomized:
+            return None
+        R = self.cfg.randomized_max
+        if n > R:
+            raise PositionOutOfRange(
+                f"{n} positions drawn from [0, pos.randomized_max={R}): a sequence cannot be longer than "
+                "randomized_max; train with a larger pos.randomized_max"
+            )
+        gen = None if self.training else torch.Generator().manual_seed(n)
+        return torch.randperm(R, generator=gen)[:n].sort().values.to(device)
 
 
 @register("nope")

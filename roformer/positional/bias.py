@@ -35,13 +35,15 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 @register("alibi")
 class ALiBi(PositionalScheme):
-    """Linear biases: score(m, n) -= slope_h * (m - n). Reads no option: the slopes follow from the head count."""
+    """Linear biases: score(m, n) -= slope_h * (m - n). The slopes follow from the head count."""
+
+    options = frozenset({"randomized_max"})
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)
         self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
 
-    def bias(self, q, ctx, layer, q_idx):
+    def bias(self, q, k, ctx, layer, q_idx):
         dist = (ctx.q_pos[q_idx, None] - ctx.k_pos[None, :]).to(torch.float32)  # (t, S)
         return -(self.slopes[:, None, None] * dist).unsqueeze(0)  # (1, H, t, S)
 
@@ -63,14 +65,14 @@ def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.T
 class T5Bias(PositionalScheme):
     """T5 relative attention bias: a learned scalar per head and distance bucket, shared by all layers."""
 
-    options = frozenset({"num_buckets", "max_distance"})
+    options = frozenset({"num_buckets", "max_distance", "randomized_max"})
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)
         self.buckets = nn.Embedding(cfg.num_buckets, n_head)
         nn.init.zeros_(self.buckets.weight)
 
-    def bias(self, q, ctx, layer, q_idx):
+    def bias(self, q, k, ctx, layer, q_idx):
         rel = ctx.q_pos[q_idx, None] - ctx.k_pos[None, :]  # (t, S)
         b = self.buckets(t5_bucket(rel, self.cfg.num_buckets, self.cfg.max_distance))  # (t, S, H)
         return b.permute(2, 0, 1).unsqueeze(0)  # (1, H, t, S)

@@ -18,13 +18,13 @@ class RelativeShaw(PositionalScheme):
     """Shaw et al.: a trainable vector a_r per clipped distance r = clip(m - n, -K, K), one table per layer
     shared by the heads, added on the key side: score(m, n) = q_m . (k_n + a_{r(m,n)}) / sqrt(d)."""
 
-    options = frozenset({"clip"})
+    options = frozenset({"clip", "randomized_max"})
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
         super().__init__(cfg, d_model=d_model, n_head=n_head, n_layer=n_layer)
         self.tables = nn.Parameter(torch.randn(n_layer, 2 * cfg.clip + 1, self.head_dim) * 0.02)
 
-    def bias(self, q, ctx, layer, q_idx):
+    def bias(self, q, k, ctx, layer, q_idx):
         K = self.cfg.clip
         rel = (ctx.q_pos[q_idx, None] - ctx.k_pos[None, :]).clamp(-K, K) + K  # (t, S) in [0, 2K]
         qa = torch.einsum("bhtd,rd->bhtr", q, self.tables[layer].to(q.dtype))  # (B, H, t, 2K+1)

@@ -63,7 +63,7 @@ class RoPE(PositionalScheme):
     """
 
     options = frozenset({"base", "layout", "rotary_fraction", "rotate_values", "scaling", "scaling_factor",
-                         "original_len"})
+                         "original_len", "low_freq_factor", "high_freq_factor", "randomized_max"})
     supports_linear = True  # RoFormer section 3.3: rotated in the numerator, not in the normaliser
 
     def __init__(self, cfg: PosConfig, *, d_model: int, n_head: int, n_layer: int):
