@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roformer.kernels import attention, cross_entropy
+from roformer.kernels import DecodeWeights, attention, cross_entropy
 from roformer.positional import SCHEMES, PosConfig, PosContext, PositionalScheme, RopeScaling, build_positional
 
 
@@ -138,46 +138,6 @@ class KVCache:
             buf = self.layers[layer] = new
         buf[0][:, :, n : n + T], buf[1][:, :, n : n + T] = k, v
         return buf[0][:, :, : n + T], buf[1][:, :, : n + T]
-
-
-class DecodeWeights:
-    """The weight matrices of the linear layers (each block's qkv, proj, fc, mlp proj, then the LM head) in the
-    layout one decoding step reads fastest; :meth:`TransformerLM.decode_weights` builds them once and reuses them
-    while the weights stay the same.
-
-    A decoding step multiplies one row per sequence by every matrix, so on a CPU it is bound by reading the weights
-    (21 MB in fp32 for the default model, more than the caches keep), not by arithmetic. There that product runs
-    about twice as fast on a contiguous (in, out) copy, multiplied as ``x @ W``, as on nn.Linear's (out, in) weight
-    through ``F.linear`` (figures in docs/performance.md), so on CPU this holds such copies: one more copy of the
-    linear weights in memory while the model decodes. On other devices it holds the weights themselves.
-
-    The copies are keyed by each weight's storage and version counter, which an optimizer step, ``load_state_dict``
-    and ``model.to(...)`` all change. A write through ``weight.data`` changes neither: call
-    ``model.train()`` or ``model.drop_decode_weights()`` after one.
-    """
-
-    # the CPU layout switch, for A/B timing (scripts/benchmark_generate.py); takes effect at the next rebuild
-    transpose_on_cpu = True
-
-    def __init__(self, weights: list[torch.Tensor]) -> None:
-        self.key = self.key_of(weights)
-        self.transposed = weights[0].device.type == "cpu" and DecodeWeights.transpose_on_cpu
-        # normal tensors even when built under inference_mode, so a later call outside it may still use them
-        with torch.inference_mode(False), torch.no_grad():
-            self.mats = [w.detach().t().contiguous() if self.transposed else w for w in weights]
-
-    @staticmethod
-    def key_of(weights: list[torch.Tensor]) -> tuple:
-        return tuple((w.data_ptr(), w._version) for w in weights)
-
-    def linear(self, x: torch.Tensor, i: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear(x, weight i, bias)`` for x (..., in); on CPU equal up to float rounding (another summation
-        order)."""
-        if not self.transposed:
-            return F.linear(x, self.mats[i], bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ self.mats[i] if bias is None else torch.addmm(bias, x2, self.mats[i])
-        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class CausalSelfAttention(nn.Module):

@@ -58,7 +58,8 @@ from roformer import decoding  # noqa: E402
 from roformer.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint  # noqa: E402
 from roformer.files import atomic_write, to_plain  # noqa: E402
 from roformer.generation import DECODES, decode_run, generate  # noqa: E402
-from roformer.model import DecodeWeights, KVCache, ModelConfig, TransformerLM  # noqa: E402
+from roformer.kernels import DecodeWeights  # noqa: E402
+from roformer.model import KVCache, ModelConfig, TransformerLM  # noqa: E402
 from roformer.positional import SCHEMES, PosConfig  # noqa: E402
 
 HF_CASES = ("dynamic", "static", "static-eager")
