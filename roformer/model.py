@@ -410,6 +410,9 @@ class TransformerLM(nn.Module):
             ctx.is_causal, ctx.mask = False, None
         else:
             ctx.is_causal, ctx.mask = False, k_pos[None, :] <= q_pos[:, None]
+        if ctx.block:  # blockwise causal attention (xPos's BCA): this block and the previous one
+            qb, kb = q_pos // ctx.block, k_pos // ctx.block
+            ctx.is_causal, ctx.mask = False, (k_pos[None, :] <= q_pos[:, None]) & (kb[None, :] >= qb[:, None] - 1)
 
         x = self.drop(self.pos.embed(self.wte(idx), ctx))
         for block in self.blocks:
@@ -472,6 +475,8 @@ class TransformerLM(nn.Module):
         k_pos = torch.cat((cache.positions, q_pos))
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.wte.weight.dtype
         ctx = self.pos.context(q_pos, k_pos, n + 1, dtype)
+        if ctx.block:
+            return self.forward(idx, cache=cache)[0]
         ctx.is_causal = False  # as in forward: a lone query after the cache sees every key, no mask
         w = self.decode_weights()
         x = self.pos.embed(self.wte(idx), ctx)

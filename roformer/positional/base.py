@@ -197,6 +197,9 @@ class PosContext:
     # YaRN's attention temperature: q and k are multiplied by it before attention (softmax: scores scale by its
     # square; linear: before the feature map, so numerator and normaliser see the same sharpened features)
     qk_scale: float = 1.0
+    # blockwise causal attention (xPos's BCA): a query sees the keys of its own block of this many positions and of
+    # the previous block only; 0: every earlier key
+    block: int = 0
 
 
 class PositionOutOfRange(ValueError):
