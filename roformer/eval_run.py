@@ -291,9 +291,13 @@ def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device
     """Every cell of one checkpoint into ``results`` (rows and per-position curves)."""
     model = model_from_checkpoint(pl.ckpt).to(device)
     counter = TextCounter.from_tokenizer(sh.data.tokenizer)
+    bca = s.bca and "bca_len" in model.pos.options and model.pos.cfg.bca_len == 0
+    if bca:  # the model is this function's own: setting its scheme's option changes nothing else
+        model.pos.cfg.bca_len = pl.train_len + pl.train_len % 2
     with torch.inference_mode():
         for scaling in pl.scalings:
             variant = record["variant"] + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
+            variant += "+bca" if bca else ""
             cells, per_pos = evaluate_model(model, stream=np.asarray(sh.split.tokens), docs=sh.docs,
                                             lengths=pl.lengths, settings=s, scaling=scaling, train_len=pl.train_len,
                                             counter=counter, device=device, on_cell=on_cell)

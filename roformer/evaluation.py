@@ -72,6 +72,10 @@ class EvalSettings:
     max_docs: int = 32
     # zero-shot context extension applied to RoPE checkpoints; each method's factor is length / training length
     rope_scaling: list[RopeScaling] = field(default_factory=lambda: [RopeScaling.none])
+    # the xPos paper's blockwise causal attention (its Table 2 applies it beyond the training length): checkpoints
+    # whose scheme reads pos.bca_len and was trained without it are scored with it set to their training length
+    # (variant <name>+bca); others as they are
+    bca: bool = False
     split: str = "test"
     # nonoverlapping/sliding: score the first this many target tokens of the split, the same stretch at every
     # length (raised to the largest length so that it fits one window; 0: the whole split). The default keeps a

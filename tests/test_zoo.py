@@ -5,11 +5,16 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
+from roformer.eval_run import EvalConfig, run_evaluation
+from roformer.evaluation import EvalSettings
 from roformer.generation import generate
+from roformer.logger import LoggerConfig
 from roformer.model import KVCache, ModelConfig, TransformerLM, check_positional
 from roformer.positional import SCHEMES, PosConfig, PositionOutOfRange, build_positional
 from roformer.positional.xpos import xpos_zeta
+from roformer.training import train
 
 
 def tiny(pos: PosConfig, seed=0, n_layer=2, **kw):
@@ -225,3 +230,24 @@ def test_shifting_every_position_changes_nothing_for_relative_schemes(name):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
     else:
         assert same, f"{name} should be relative: its scores must not change when every position shifts"
+
+
+# ---- evaluation
+
+
+def test_evaluate_scores_xpos_with_blockwise_causal_attention(text_corpus, tmp_path):
+    """eval.bca: an xPos checkpoint is scored as xpos+bca, blocks of half its training length: at the training
+    length every query still sees all its keys (the same scores), beyond it fewer."""
+    cfg = tiny_config("pos=xpos", "trainer.max_steps=4", "trainer.eval_interval=4", *text_corpus)
+    train(cfg, tmp_path / "run")
+    L = cfg.trainer.seq_len
+    got = {}
+    for bca in (False, True):
+        settings = EvalSettings(device="cpu", progress=False, lengths=[L, 4 * L], protocols=["nonoverlapping"],
+                                bca=bca)
+        res = run_evaluation(EvalConfig(ckpt=str(tmp_path / "run"), eval=settings,
+                                        logger=LoggerConfig(kind="none", job_type="eval")), tmp_path / f"ev{bca}")
+        got[bca] = {(r["variant"], r["length"]): r["nll_sum"] for r in res["results"]}
+    assert set(got[True]) == {("xpos+bca", L), ("xpos+bca", 4 * L)}
+    assert got[True][("xpos+bca", L)] == pytest.approx(got[False][("xpos", L)], rel=1e-6)
+    assert got[True][("xpos+bca", 4 * L)] != pytest.approx(got[False][("xpos", 4 * L)], rel=1e-6)
