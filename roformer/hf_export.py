@@ -14,9 +14,17 @@ Each exportable scheme maps to an architecture whose forward is ours exactly (sa
   base * s^(r/(r-2)), which is all it changes; ``dynamic_ntk`` -> rope_type ``dynamic`` with factor 1 and
   ``max_position_embeddings`` = the original length, where HF's base * (f L / L0 - (f - 1))^(r/(r-2)) is ours,
   base * max(1, L / L0)^(r/(r-2)) (one caveat: HF keeps the largest length's base until an input is shorter
-  than L0 again, so a long input changes the next shorter ones; ours recomputes per input). ``yarn`` is
-  refused: HF ramps by dimension index, ours by rotations (as the paper does).
+  than L0 again, so a long input changes the next shorter ones; ours recomputes per input); ``llama3`` -> rope_type
+  ``llama3`` with our factor, ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings`` =
+  ``pos.original_len`` (the same formula; HF's rope types are shared by its models, so GPT-NeoX computes it as
+  Llama does). ``yarn`` is refused: HF ramps by dimension index, ours by rotations (as the paper does). A larger
+  ``pos.base`` (ABF) is only ``rope_theta``.
 * ``learned`` -> ``GPT2LMHeadModel`` (``n_positions`` = the table size; Conv1D weights are our Linear's transposed).
+
+Everything else is refused in one line before any work: a scheme without an entry in :data:`EXPORTERS` (xPos,
+KERPLE, FIRE, CoPE, ALiBi, ...), a scaling above, and any ``pos.*`` option the scheme reads but its exporter does
+not map (:attr:`Exporter.maps`) set to other than its default: ``rotate_values`` and randomized positions
+(``randomized_max``: Hugging Face numbers the positions 0 .. T-1), and whatever option a scheme gains later.
 
 Biases we do not have are exported as zeros; GELU is ``gelu`` (exact, erf) or ``gelu_pytorch_tanh`` (the same
 ``F.gelu(approximate="tanh")`` we call); LayerNorm eps is torch's 1e-5; attention scale 1/sqrt(head_dim) in both.
@@ -28,11 +36,13 @@ an optional heavy dependency (the dev extra), and training never needs it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -41,7 +51,7 @@ from roformer.checkpoint import CheckpointError, configs_from_checkpoint, load_c
 from roformer.data.tokenizer import EOD_TOKEN, from_json
 from roformer.files import fsync_dir, one_line, umask
 from roformer.model import Activation, AttentionKind, ModelConfig
-from roformer.positional import PosConfig, RopeLayout, RopeScaling
+from roformer.positional import DEFAULTS, SCHEMES, PosConfig, RopeLayout, RopeScaling
 
 HF_ACTIVATION = {Activation.gelu: "gelu", Activation.gelu_tanh: "gelu_pytorch_tanh"}
 
@@ -62,7 +72,7 @@ class ExportConfig:
     overwrite: bool = False
     # after exporting, upload to this hub repository (needs ``huggingface-cli login``)
     push_to_hub: str | None = None
-    # bake a RoPE context extension into the export: none | pi | ntk | dynamic_ntk (yarn is refused)
+    # bake a RoPE context extension into the export: none | pi | ntk | dynamic_ntk | llama3 (yarn is refused)
     rope_scaling: str | None = None
     scaling_factor: float = 1.0
     # the length the extension extends from; 0: the checkpoint's training length
@@ -94,12 +104,16 @@ def _train_len(ckpt: dict) -> int | None:
     return trainer.get("seq_len")
 
 
+# the RoPE scalings _rope_settings maps (every other one is refused)
+EXPORTED_SCALINGS = (RopeScaling.none, RopeScaling.pi, RopeScaling.ntk, RopeScaling.dynamic_ntk, RopeScaling.llama3)
+
+
 def _rope_settings(pos: PosConfig, rot_dim: int) -> tuple[dict, int | None]:
     """GPT-NeoX's rotary settings for our RoPE config, and the max_position_embeddings they need (None: any).
     Given by the names transformers 4 and 5 both accept (5 stores them as ``rope_parameters``)."""
     rope = {"rotary_pct": pos.rotary_fraction, "rotary_emb_base": float(pos.base)}
     s, kind = pos.scaling_factor, pos.scaling
-    if kind == RopeScaling.none or (s == 1.0 and kind in (RopeScaling.pi, RopeScaling.ntk)):
+    if kind == RopeScaling.none or (s == 1.0 and kind in (RopeScaling.pi, RopeScaling.ntk, RopeScaling.llama3)):
         return rope, None
     if kind == RopeScaling.pi:
         return {**rope, "rope_scaling": {"rope_type": "linear", "factor": float(s)}}, None
@@ -107,19 +121,21 @@ def _rope_settings(pos: PosConfig, rot_dim: int) -> tuple[dict, int | None]:
         return {**rope, "rotary_emb_base": float(pos.base * s ** (rot_dim / (rot_dim - 2)))}, None
     if kind == RopeScaling.dynamic_ntk:
         return {**rope, "rope_scaling": {"rope_type": "dynamic", "factor": 1.0}}, pos.original_len
-    raise ExportError(
-        f"pos.scaling={kind.value} cannot be exported: Hugging Face's YaRN ramps its interpolation by dimension "
-        "index, ours by the number of rotations (as in the paper), so the logits would differ; export with "
-        "rope_scaling=none, pi, ntk or dynamic_ntk"
-    )
+    if kind == RopeScaling.llama3:  # HF warns unless max_position_embeddings exceeds the original length
+        return {**rope, "rope_scaling": {
+            "rope_type": "llama3", "factor": float(s), "low_freq_factor": float(pos.low_freq_factor),
+            "high_freq_factor": float(pos.high_freq_factor), "original_max_position_embeddings": pos.original_len,
+        }}, math.ceil(s * pos.original_len)
+    why = ("Hugging Face's YaRN ramps its interpolation by dimension index, ours by the number of rotations (as in "
+           "the paper), so the logits would differ" if kind == RopeScaling.yarn
+           else "no Hugging Face rope_type computes our frequencies")
+    raise ExportError(f"pos.scaling={kind.value} cannot be exported: {why}; export with rope_scaling="
+                      f"{', '.join(k.value for k in EXPORTED_SCALINGS)}")
 
 
 def _neox_config(cfg: ModelConfig, pos: PosConfig, eod: int, train_len: int | None):
     from transformers import GPTNeoXConfig  # optional heavy dependency
 
-    if pos.rotate_values:
-        raise ExportError("pos.rotate_values=true (the ablation that rotates values) has no GPT-NeoX equivalent; "
-                          "only checkpoints trained with rotate_values=false can be exported")
     rot_dim = int(pos.rotary_fraction * cfg.head_dim)
     rope, max_pos = _rope_settings(pos, rot_dim)
     return GPTNeoXConfig(
@@ -203,13 +219,41 @@ class Exporter:
     architecture: str  # the transformers class config.json names
     config: Callable  # (ModelConfig, PosConfig, eod id, training length) -> its transformers config
     weights: Callable  # (our state_dict, ModelConfig, PosConfig) -> {its parameter name: tensor}
+    # the pos.* options of the scheme that config and weights map; another one it reads is exported only at its
+    # default (a new option of the scheme is refused until mapped here)
+    maps: frozenset[str] = frozenset()
 
 
 # scheme name -> how to export it; every other scheme has no Hugging Face equivalent
 EXPORTERS = {
-    "rope": Exporter("GPTNeoXForCausalLM", _neox_config, _neox_weights),
-    "learned": Exporter("GPT2LMHeadModel", _gpt2_config, _gpt2_weights),
+    "rope": Exporter("GPTNeoXForCausalLM", _neox_config, _neox_weights,
+                     frozenset({"base", "layout", "rotary_fraction", "scaling", "scaling_factor", "original_len",
+                                "low_freq_factor", "high_freq_factor"})),
+    "learned": Exporter("GPT2LMHeadModel", _gpt2_config, _gpt2_weights, frozenset({"max_len"})),
 }
+
+# why an option an exporter does not map has no Hugging Face equivalent, where more can be said than that
+UNMAPPED_WHY = {
+    "rotate_values": "the ablation that rotates values",
+    "randomized_max": "randomized positions: Hugging Face numbers the positions 0 .. T-1",
+}
+
+
+def _setting(key: str, value) -> str:
+    """``pos.<key>=<value>`` as a command line writes it."""
+    value = value.value if isinstance(value, Enum) else str(value).lower() if isinstance(value, bool) else value
+    return f"pos.{key}={value}"
+
+
+def _check_unmapped(pos: PosConfig, exporter: Exporter) -> None:
+    """Refuse, in one line, the options ``pos``'s scheme reads, ``exporter`` does not map, set to a non-default."""
+    unmapped = [k for k in sorted(SCHEMES[pos.name].options - exporter.maps) if getattr(pos, k) != DEFAULTS[k]]
+    if not unmapped:
+        return
+    given = ", ".join(_setting(k, getattr(pos, k)) + (f" ({UNMAPPED_WHY[k]})" if k in UNMAPPED_WHY else "")
+                      for k in unmapped)
+    raise ExportError(f"{given} cannot be exported: {exporter.architecture} has no equivalent; only checkpoints "
+                      f"trained with {', '.join(_setting(k, DEFAULTS[k]) for k in unmapped)} can be exported")
 
 
 def _load(hf_model, weights: dict[str, torch.Tensor]) -> None:
@@ -267,6 +311,7 @@ def hf_model_from_checkpoint(ckpt: dict):
     if cfg.attention != AttentionKind.softmax:
         raise ExportError(f"model.attention={cfg.attention.value} has no Hugging Face equivalent; export supports "
                           "softmax attention with pos=" + " and pos=".join(sorted(EXPORTERS)))
+    _check_unmapped(pos, exporter)
     eod = from_json(ckpt["tokenizer_json"]).token_to_id(EOD_TOKEN)
     if eod is None:
         raise ExportError(f"the checkpoint's tokenizer has no {EOD_TOKEN} token; export needs it as eos")

@@ -34,10 +34,11 @@ cut back to the resumed step, so a resumed run logs each step once. A refused re
 Fine-tuning (``trainer.init_from``) is not a resume: a fresh run (new optimizer, schedule from step 0, counters at 0)
 whose model starts from another checkpoint's weights (:func:`read_init_from`). Those fit only the same architecture
 and tokenizer: any other ``model.*`` or ``pos.*`` value is refused in one line naming the key, except what the
-weights do not depend on (:data:`INIT_FREE`: dropout, how attention is chunked, the initialisation) and RoPE's context
-extension (``pos.scaling``, ``pos.scaling_factor``, ``pos.original_len``), which with a longer ``trainer.seq_len`` is
-what such a fine-tune is for. A run folder with a checkpoint to resume resumes it instead (``init_from`` is then
-ignored: an interrupted fine-tune continues exactly), and ``trainer.init_from`` is not a run-defining key.
+weights do not depend on (:data:`INIT_FREE`: dropout, how attention is chunked, the initialisation) and, for a scheme
+with a context extension (RoPE), the extension's keys (:data:`EXTENSION_KEYS`: ``pos.scaling`` and its settings, and
+``pos.base``, which ABF raises), which with a longer ``trainer.seq_len`` are what such a fine-tune is for. A run
+folder with a checkpoint to resume resumes it instead (``init_from`` is then ignored: an interrupted fine-tune
+continues exactly), and ``trainer.init_from`` is not a run-defining key.
 """
 
 from __future__ import annotations
@@ -347,19 +348,24 @@ def claim_run_dir(run_dir: Path, resumed_step: int | None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Fine-tuning: a fresh run from another checkpoint's weights (trainer.init_from)
 
-# model.* and pos.* keys a fine-tune may change: what the weights do not depend on (vocab_size is the tokenizer's,
-# checked on its own) and RoPE's context extension, the point of fine-tuning at a longer trainer.seq_len
-INIT_FREE = ("model.vocab_size", "model.dropout", "model.bias_block", "model.linear_chunk", "model.init_std",
-             "pos.scaling", "pos.scaling_factor", "pos.original_len")
+# model.* keys a fine-tune may change: what the weights do not depend on (vocab_size is the tokenizer's, checked on
+# its own)
+INIT_FREE = ("model.vocab_size", "model.dropout", "model.bias_block", "model.linear_chunk", "model.init_std")
+# pos.* keys a fine-tune of a scheme with a context extension (supports_scaling: RoPE) may change, the point of
+# fine-tuning at a longer trainer.seq_len: the scaling and its settings, and the base (ABF, Xiong et al. 2023)
+EXTENSION_KEYS = ("pos.base", "pos.scaling", "pos.scaling_factor", "pos.original_len", "pos.low_freq_factor",
+                  "pos.high_freq_factor")
 
 
 def architecture_change(ckpt: dict, cfg) -> Change | None:
-    """The first ``model.*`` or ``pos.*`` key outside :data:`INIT_FREE` where ``ckpt`` and this run (a TrainConfig)
-    differ; None when its weights are this run's model's."""
+    """The first ``model.*`` or ``pos.*`` key where ``ckpt`` and this run (a TrainConfig) differ, outside
+    :data:`INIT_FREE` and, for a scheme with a context extension, :data:`EXTENSION_KEYS`; None when its weights are
+    this run's model's."""
     saved_model, saved_pos = (to_plain(c) for c in ckpt_lib.configs_from_checkpoint(ckpt))
     changes = (_group_changes("model", saved_model, to_plain(cfg.model))
                + _group_changes("pos", *_pos_compared(saved_pos, cfg.pos)))
-    return next((c for c in changes if c.key not in INIT_FREE), None)
+    free = INIT_FREE + (EXTENSION_KEYS if SCHEMES[saved_pos["name"]].supports_scaling else ())
+    return next((c for c in changes if c.key not in free), None)
 
 
 @dataclass

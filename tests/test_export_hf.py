@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from roformer.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: 
 from roformer.data.tokenizer import EOD_TOKEN, to_json, train_bpe  # noqa: E402
 from roformer.files import to_plain, umask  # noqa: E402
 from roformer.model import ModelConfig, TransformerLM  # noqa: E402
-from roformer.positional import PosConfig  # noqa: E402
+from roformer.positional import SCHEMES, PosConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16  # the "training length" recorded in the checkpoints; logits are compared at 4x it
@@ -38,6 +39,13 @@ VARIANTS = {
     "rope_pi": ({}, {"name": "rope", "scaling": "pi", "scaling_factor": 4.0, "original_len": SEQ_LEN}),
     "rope_ntk": ({}, {"name": "rope", "scaling": "ntk", "scaling_factor": 4.0, "original_len": SEQ_LEN}),
     "rope_dynamic_ntk": ({}, {"name": "rope", "scaling": "dynamic_ntk", "original_len": SEQ_LEN}),
+    # head_dim 16 from L0 = 16: frequency 0 kept (wavelength 6.3 < 16 / 2), 1 on the ramp, the rest divided by 4
+    "rope_llama3": ({}, {"name": "rope", "scaling": "llama3", "scaling_factor": 4.0, "original_len": SEQ_LEN,
+                         "low_freq_factor": 0.5, "high_freq_factor": 2.0}),
+    "rope_llama3_interleaved_fraction_0.5": ({}, {"name": "rope", "layout": "interleaved", "rotary_fraction": 0.5,
+                                                  "base": 500.0, "scaling": "llama3", "scaling_factor": 2.5,
+                                                  "original_len": SEQ_LEN}),
+    "rope_abf": ({}, {"name": "rope", "base": 500000.0}),
     "rope_tanh_bias_untied": ({"activation": "gelu_tanh", "bias": True, "tie_embeddings": False},
                               {"name": "rope", "layout": "interleaved", "rotary_fraction": 0.5}),
     "learned": ({}, {"name": "learned", "max_len": 4 * SEQ_LEN}),
@@ -116,6 +124,17 @@ def test_config_and_tokenizer(tmp_path, tokenizer):
     assert hf_tok.decode(tokenizer.encode(text).ids) == text
 
 
+def test_llama3_config(tmp_path, tokenizer):
+    """The llama3 scaling is Hugging Face's rope_type llama3 with our settings, beyond its original length."""
+    out = hf_export.export(make_ckpt(tmp_path / "c.pt", tokenizer, *VARIANTS["rope_llama3"]), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    rope = {k: config["rope_parameters"][k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                                                      "original_max_position_embeddings", "rope_theta")}
+    assert rope == {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+                    "original_max_position_embeddings": SEQ_LEN, "rope_theta": 10000.0}
+    assert config["max_position_embeddings"] == 4 * SEQ_LEN
+
+
 @pytest.mark.parametrize("variant", ["rope_interleaved", "learned"])
 def test_pipeline_and_greedy_decoding_match_ours(tmp_path, tokenizer, variant):
     from transformers import AutoModelForCausalLM, pipeline
@@ -162,6 +181,13 @@ REFUSED = {
     "yarn": ({}, {"name": "rope", "scaling": "yarn", "scaling_factor": 4.0, "original_len": SEQ_LEN},
              "pos.scaling=yarn cannot be exported: Hugging Face's YaRN ramps"),
     "rotate_values": ({}, {"name": "rope", "rotate_values": True}, "pos.rotate_values=true"),
+    "randomized_rope": ({}, {"name": "rope", "randomized_max": 256},
+                        "pos.randomized_max=256 (randomized positions: Hugging Face numbers the positions 0 .. T-1) "
+                        "cannot be exported: GPTNeoXForCausalLM has no equivalent; only checkpoints trained with "
+                        "pos.randomized_max=0 can be exported"),
+    "randomized_learned": ({}, {"name": "learned", "max_len": 64, "randomized_max": 64},
+                           "pos.randomized_max=64 (randomized positions: Hugging Face numbers the positions 0 .. T-1) "
+                           "cannot be exported: GPT2LMHeadModel has no equivalent"),
 }
 
 
@@ -169,24 +195,36 @@ REFUSED = {
 def test_unsupported_is_refused_in_one_line_and_nothing_is_written(tmp_path, tokenizer, case):
     model_kw, pos_kw, message = REFUSED[case]
     ckpt = make_ckpt(tmp_path / "c.pt", tokenizer, model_kw, pos_kw)
-    with pytest.raises(hf_export.ExportError, match="^" + message.replace("(", r"\(").replace(".", r"\.")) as e:
+    with pytest.raises(hf_export.ExportError, match="^" + re.escape(message)) as e:
         hf_export.export(ckpt, tmp_path / "hf")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
 
-def test_scaling_asked_for_at_export(tmp_path, tokenizer):
-    """rope_scaling= at export time: the same logits as our model evaluated with that scaling."""
+@pytest.mark.parametrize("name", sorted(set(SCHEMES) - set(hf_export.EXPORTERS)))
+def test_every_scheme_without_an_exporter_is_refused(tmp_path, tokenizer, name):
+    """Asked of the registry: a scheme added later is refused until it has an exporter."""
+    ckpt = make_ckpt(tmp_path / "c.pt", tokenizer, {}, {"name": name})
+    with pytest.raises(hf_export.ExportError) as e:
+        hf_export.export(ckpt, tmp_path / "hf")
+    assert str(e.value) == (f"pos={name} has no Hugging Face equivalent; export supports pos="
+                            f"{' and pos='.join(sorted(hf_export.EXPORTERS))}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+@pytest.mark.parametrize("kind, rope_type", [("pi", "linear"), ("llama3", "llama3")])
+def test_scaling_asked_for_at_export(tmp_path, tokenizer, kind, rope_type):
+    """rope_scaling= at export time: the same logits as our model evaluated with that scaling (zero-shot)."""
     ckpt = make_ckpt(tmp_path / "c.pt", tokenizer, {}, {"name": "rope"})
-    scaled = hf_export.with_scaling(torch.load(ckpt, weights_only=True), "pi", 4.0)
+    scaled = hf_export.with_scaling(torch.load(ckpt, weights_only=True), kind, 4.0)
     assert scaled["pos_cfg"]["original_len"] == SEQ_LEN
     out = hf_export.export(scaled, tmp_path / "hf")
-    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_type
     ours = model_from_checkpoint(ckpt)
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, ours.cfg.vocab_size, (1, 4 * SEQ_LEN), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), ours.scaled_positions("pi", 4.0, SEQ_LEN):
+    with torch.no_grad(), ours.scaled_positions(kind, 4.0, SEQ_LEN):
         diff = (ours(ids)[0] - AutoModelForCausalLM.from_pretrained(out)(ids).logits).abs().max().item()
     assert diff < TOL
     learned = make_ckpt(tmp_path / "l.pt", tokenizer, {}, {"name": "learned", "max_len": 64})

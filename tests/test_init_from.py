@@ -1,5 +1,6 @@
 """Fine-tuning (trainer.init_from): a fresh run from exactly the source's weights, with a fresh optimizer and schedule,
-RoPE's context extension at a longer seq_len, its provenance in every checkpoint; another architecture, another
+RoPE's context extension at a longer seq_len (a scaling, or ABF's larger base), its provenance in every checkpoint;
+another architecture, another
 tokenizer, a file that is no checkpoint or a missing path refused in one line, writing nothing; a checkpoint to
 resume wins over it."""
 
@@ -20,7 +21,9 @@ from conftest import REPO, read_metrics, tiny_config
 
 from roformer import checkpoint as ckpt_lib
 from roformer import training
-from roformer.positional import RopeScaling
+from roformer.files import to_plain
+from roformer.positional import PosConfig, RopeScaling, rope_inv_freq, scaled_inv_freq
+from roformer.resume import architecture_change
 from roformer.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
@@ -106,11 +109,75 @@ def test_rope_context_extension_fine_tunes_at_four_times_the_length(source, toy_
     assert ckpt_lib.model_from_checkpoint(ck).pos.cfg.scaling == RopeScaling.pi
 
 
+def table(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's float32 cos/sin of float64 angles, as the model computes them."""
+    return angles.cos().float(), angles.sin().float()
+
+
+def test_abf_fine_tunes_with_a_larger_base_and_a_resume_keeps_it(source, toy_data, tmp_path):
+    """ABF (Xiong et al. 2023): trainer.init_from with pos.base raised 10000 -> 500000 at 4 x the length trains
+    with the new base; that fine-tune resumed with another base is refused, as any resume is."""
+    run = tmp_path / "abf"
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _capture_first_step(mp)
+        train(tiny_config("trainer.max_steps=2", "trainer.eval_interval=0", "trainer.seq_len=128", "pos.base=500000",
+                          f"trainer.init_from={source}"), run, data=toy_data)
+    assert same_weights(seen["weights"], ckpt_lib.load_checkpoint(source)["model"])
+    pos, n = seen["pos"], torch.arange(128, dtype=torch.float64)
+    cos, sin = table(torch.outer(n, rope_inv_freq(pos.rot_dim, 500000.0)))
+    assert torch.equal(pos.cos_cached[:128], cos) and torch.equal(pos.sin_cached[:128], sin)
+    assert not torch.equal(cos, table(torch.outer(n, rope_inv_freq(pos.rot_dim, 10000.0)))[0])
+    ck = ckpt_lib.load_checkpoint(run)
+    assert ck["pos_cfg"]["base"] == 500000.0 and ck["pos_cfg"]["scaling"] == "none"
+    assert ck["init_from"]["path"] == str(source / "checkpoints/last.pt")
+    assert ckpt_lib.model_from_checkpoint(ck).pos.cfg.base == 500000.0
+    before = sorted(files(run))
+    with pytest.raises(ValueError) as e:  # the run's own config, but for the base: back to the default 10000
+        train(tiny_config("trainer.max_steps=3", "trainer.eval_interval=0", "trainer.seq_len=128",
+                          "trainer.resume=auto"), run, data=toy_data)
+    assert str(e.value).startswith(f"cannot resume from {run}/checkpoints/last.pt: pos.base=500000.0 in the "
+                                   "checkpoint, 10000.0 in this run; use pos.base=500000.0, or "
+                                   "trainer.resume_override=[pos.base]")
+    assert sorted(files(run)) == before
+
+
+def test_llama3_scaling_fine_tunes_at_four_times_the_length(source, toy_data, tmp_path):
+    """pos.scaling=llama3 and its factors are a context extension too: the fine-tune trains with its frequencies."""
+    run = tmp_path / "llama3"
+    ext = ["pos.scaling=llama3", "pos.scaling_factor=4", "pos.original_len=32", "pos.high_freq_factor=5"]
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _capture_first_step(mp)
+        train(tiny_config("trainer.max_steps=2", "trainer.eval_interval=0", "trainer.seq_len=128", *ext,
+                          f"trainer.init_from={source}"), run, data=toy_data)
+    pos = seen["pos"]
+    llama3 = PosConfig(scaling="llama3", scaling_factor=4.0, original_len=32, high_freq_factor=5.0)
+    inv_freq, temperature = scaled_inv_freq(llama3, pos.rot_dim, 128)
+    assert temperature == 1.0 and pos.mscale == 1.0
+    plain = rope_inv_freq(pos.rot_dim, 10000.0)
+    # head_dim 32 from L0 = 32: the first frequency kept, the next two on the ramp, the rest divided by 4
+    assert inv_freq[0] == plain[0] and torch.equal(inv_freq[3:], plain[3:] / 4)
+    assert ((plain[1:3] / 4 < inv_freq[1:3]) & (inv_freq[1:3] < plain[1:3])).all()
+    cos, sin = table(torch.outer(torch.arange(128, dtype=torch.float64), inv_freq))
+    assert torch.equal(pos.cos_cached[:128], cos) and torch.equal(pos.sin_cached[:128], sin)
+    ck = ckpt_lib.load_checkpoint(run)
+    assert ck["pos_cfg"]["scaling"] == "llama3" and ck["pos_cfg"]["high_freq_factor"] == 5.0
+    assert ckpt_lib.model_from_checkpoint(ck).pos.cfg.scaling == RopeScaling.llama3
+
+
+def test_the_base_is_free_only_for_a_scheme_with_a_context_extension(source):
+    """pos.base is RoPE's context extension (ABF); the sinusoid's base is part of what its weights learned."""
+    rope = ckpt_lib.load_checkpoint(source)
+    assert architecture_change(rope, tiny_config("pos.base=500000")) is None
+    sinusoidal = {**rope, "pos_cfg": to_plain(PosConfig(name="sinusoidal"))}
+    change = architecture_change(sinusoidal, tiny_config("pos=sinusoidal", "pos.base=500000"))
+    assert change.describe() == "pos.base=10000.0 in the checkpoint, 500000.0 in this run"
+
+
 @pytest.mark.parametrize("override, named", [
     ("model.d_model=32", "model.d_model=64 in the checkpoint, 32 in this run"),
     ("model.n_layer=3", "model.n_layer=2 in the checkpoint, 3 in this run"),
     ("pos=alibi", "pos.name=rope in the checkpoint, alibi in this run"),
-    ("pos.base=500", "pos.base=10000.0 in the checkpoint, 500.0 in this run"),
+    ("pos.layout=interleaved", "pos.layout=half in the checkpoint, interleaved in this run"),
 ])
 def test_another_architecture_is_refused_in_one_line_before_any_work(override, named, source, tmp_path, no_data):
     run = tmp_path / "run"
@@ -150,7 +217,7 @@ def test_a_file_that_is_no_checkpoint_and_a_missing_path_are_refused(tmp_path, n
         train(tiny_config(f"trainer.init_from={junk}"), tmp_path / "run")
     assert files(tmp_path / "run") == []
     with pytest.raises(ValueError, match=r"^pos.scaling=pi, pos.scaling_factor=2.0, pos.original_len=32: pos=alibi "
-                                         r"does not read them \(alibi reads no pos.\* option besides pos.name; "
+                                         r"does not read them \(alibi reads [^;]*; "
                                          r"pos.scaling, pos.scaling_factor, pos.original_len are read by rope\); "
                                          r"drop them$"):
         tiny_config("pos=alibi", "pos.scaling=pi", "pos.scaling_factor=2", "pos.original_len=32")

@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE) and its zero-shot context extensions (PI, NTK, dynamic NTK, YaRN).
+"""Rotary position embedding (RoPE) and its context extensions (PI, NTK, dynamic NTK, YaRN, Llama 3).
 
 RoPE rotates each (q, k) pair of dimensions by position x theta_i inside every attention layer, so scores depend
 on the offset only. Its fused rotation kernel is :func:`roformer.kernels.rotate_pairs`; the composition of autograd
@@ -11,6 +11,13 @@ References
 * Chen et al., "Extending Context Window of Large Language Models via Positional Interpolation" (2023): PI.
 * NTK-aware base scaling (bloc97, 2023) and its dynamic form (emozilla, 2023), both first posted on Reddit.
 * Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models" (2023).
+* Llama 3's scaling: meta-llama/llama-models, ``models/llama3/reference_impl/model.py`` (``apply_scaling``; the
+  Llama 3 paper, arXiv:2407.21783, does not describe it), as Hugging Face's rope_type ``llama3``.
+* Xiong et al., "Effective Long-Context Scaling of Foundation Models" (2023), arXiv:2309.16039: adjusted base
+  frequency (ABF), a larger ``pos.base`` when fine-tuning at a longer length; nothing here but the base itself.
+
+Each extension is zero-shot (evaluation sets it on a trained model) or fine-tuned (``trainer.init_from`` with
+``pos.scaling``, or with a larger ``pos.base`` for ABF, at a longer ``trainer.seq_len``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def rope_inv_freq(rot_dim: int, base: float) -> torch.Tensor:
 
 
 def scaled_inv_freq(cfg: PosConfig, rot_dim: int, seq_len: int) -> tuple[torch.Tensor, float]:
-    """Frequencies after zero-shot context extension, and the attention temperature factor (1 unless YaRN)."""
+    """Frequencies after context extension, and the attention temperature factor (1 unless YaRN)."""
     inv_freq = rope_inv_freq(rot_dim, cfg.base)
     s, kind = cfg.scaling_factor, cfg.scaling
     if kind == RopeScaling.none or s == 1.0 and kind != RopeScaling.dynamic_ntk:
@@ -44,13 +51,23 @@ def scaled_inv_freq(cfg: PosConfig, rot_dim: int, seq_len: int) -> tuple[torch.T
                 return inv_freq, 1.0
         base = cfg.base * s ** (rot_dim / (rot_dim - 2))
         return rope_inv_freq(rot_dim, base), 1.0
+    if kind == RopeScaling.llama3:
+        # wavelength 2 pi / theta above L0 / low (fewer than `low` rotations over L0) -> theta / s, below L0 / high
+        # -> theta, between them smooth = (L0 / wavelength - low) / (high - low) and theta' = (1 - smooth) theta / s
+        # + smooth theta: YaRN's ramp with alpha = low, beta = high, and no temperature
+        return _ramp(inv_freq, s, cfg.original_len, cfg.low_freq_factor, cfg.high_freq_factor), 1.0
     # YaRN: interpolate by the number of rotations r = L / wavelength each dimension makes over the original
     # context; r < alpha -> fully interpolated (divide by s), r > beta -> untouched, linear ramp between.
-    alpha, beta = 1.0, 32.0
-    rotations = cfg.original_len * inv_freq / (2 * math.pi)
-    ramp = ((rotations - alpha) / (beta - alpha)).clamp(0.0, 1.0)
-    inv_freq = inv_freq / s * (1 - ramp) + inv_freq * ramp
-    return inv_freq, 0.1 * math.log(s) + 1.0
+    return _ramp(inv_freq, s, cfg.original_len, 1.0, 32.0), 0.1 * math.log(s) + 1.0
+
+
+def _ramp(inv_freq: torch.Tensor, s: float, original_len: int, lo: float, hi: float) -> torch.Tensor:
+    """Each frequency divided by ``s`` if it makes fewer than ``lo`` rotations over ``original_len`` positions,
+    kept if more than ``hi``, linearly between (in the rotations): YaRN's and Llama 3's interpolation. At the ends
+    the weights are exactly 0 and 1, so those frequencies are theta / s and theta to the last bit."""
+    rotations = original_len * inv_freq / (2 * math.pi)  # = original_len / wavelength
+    ramp = ((rotations - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return inv_freq / s * (1 - ramp) + inv_freq * ramp
 
 
 @register("rope")
@@ -118,7 +135,8 @@ class RoPE(PositionalScheme):
         dynamic = c.scaling == RopeScaling.dynamic_ntk
         # The table depends on the scaling settings (which evaluation may change between lengths) and, for
         # dynamic NTK, on the current length itself.
-        key = (n if dynamic else None, str(device), c.base, c.scaling, c.scaling_factor, c.original_len)
+        key = (n if dynamic else None, str(device), c.base, c.scaling, c.scaling_factor, c.original_len,
+               c.low_freq_factor, c.high_freq_factor)
         same = self._cache_key == key
         if not same or self.cos_cached.shape[0] < n:
             # grow by doubling while the settings stay the same; start afresh when they change
