@@ -44,7 +44,7 @@ from roformer.evaluation import (
 )
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import LoggerConfig, log_evaluation
-from roformer.positional import SCHEMES, RopeScaling
+from roformer.positional import DEFAULTS, SCHEMES, RopeScaling
 from roformer.reporting import CSV_FIELDS, add_ratios, write_outputs
 from roformer.runtime import keep_freed_memory, resolve_device
 
@@ -245,23 +245,26 @@ def describe(plans: list[Plan], shares: list[Share], s: EvalSettings) -> str:
 def variant_name(ck: dict, train_len: int) -> str:
     """What a study calls a checkpoint's model, from its config: the scheme, then what sets it apart from the
     scheme's plain form. ``rope+linear`` (linear attention), ``sinusoidal-fairseq`` (pos.scale_embeddings),
-    ``learned-32L`` (a table of 32 x the training length), ``rope+rand`` (randomized positions), ``rope+pi-ft`` (fine-tuned from another checkpoint
-    with PI scaling), ``rope-ft`` (fine-tuned without one). Evaluation appends a zero-shot scaling: ``rope+yarn``."""
+    ``learned-32L`` (a table of 32 x the training length), ``rope+rand`` (randomized positions), ``rope+pi-ft``
+    (fine-tuned from another checkpoint with PI scaling), ``rope+abf-ft`` (fine-tuned with a larger base, ABF),
+    ``rope-ft`` (fine-tuned without either). Evaluation appends a zero-shot scaling: ``rope+yarn``."""
     pos_cfg = configs_from_checkpoint(ck)[1]
-    name = pos_cfg.name
+    name, scheme = pos_cfg.name, SCHEMES[pos_cfg.name]
     if pos_cfg.scale_embeddings:
         name += "-fairseq"
-    randomized = pos_cfg.randomized_max and "randomized_max" in SCHEMES[name].options
-    table = SCHEMES[name].max_positions(replace(pos_cfg, randomized_max=0))  # the learned table, not the draw's range
+    table = scheme.max_positions(replace(pos_cfg, randomized_max=0))  # a learned table's size, not a draw's range
     if table is not None and table != train_len:
         name += f"-{table / train_len:g}L"
-    if randomized:
+    if pos_cfg.randomized_max and "randomized_max" in scheme.options:
         name += "+rand"
+    fine_tuned = bool(ck["train_cfg"]["trainer"].get("init_from"))
+    if scheme.supports_scaling and pos_cfg.base != DEFAULTS["base"]:  # ABF: a larger base, set at init_from
+        name += "+abf" if fine_tuned else f"+base{pos_cfg.base:g}"
     if ck["model_cfg"].get("attention", "softmax") == "linear":
         name += "+linear"
     if pos_cfg.scaling != RopeScaling.none:
         name += f"+{pos_cfg.scaling.value}"
-    if ck["train_cfg"]["trainer"].get("init_from"):
+    if fine_tuned:
         name += "-ft"
     return name
 

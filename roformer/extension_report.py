@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from roformer.positional import RopeScaling
 from roformer.reporting import (
     METHOD_COLORS,
     METHOD_MARKERS,
@@ -30,7 +31,7 @@ from roformer.reporting import (
     series_over_seeds,
 )
 
-SCALINGS = ("pi", "ntk", "dynamic_ntk", "yarn")  # the zero-shot RoPE scaling methods, as variant suffixes
+SCALINGS = tuple(k.value for k in RopeScaling if k != RopeScaling.none)  # the RoPE scaling methods, as variant suffixes
 EXTENSION_PLOT = "extension_ppl.png"
 KINDS = ("zero-shot", "fine-tuned", "fine-tuned + zero-shot")
 KIND_STYLES = {"zero-shot": "--", "fine-tuned": "-", "fine-tuned + zero-shot": "-."}

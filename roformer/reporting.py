@@ -187,8 +187,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 # Tick labels are plain numbers (64, 128, 256; 300, 500, 1000; 1.0, 1.5, 2.0): matplotlib's log axes would write
 # 2^7 and 3x10^2, which a reader has to decode.
 
-METHOD_COLORS = {"none": "black", "pi": "tab:blue", "ntk": "tab:orange", "dynamic_ntk": "tab:green", "yarn": "tab:red"}
-METHOD_MARKERS = {"none": "o", "pi": "s", "ntk": "^", "dynamic_ntk": "v", "yarn": "D"}  # coinciding curves stay apart
+METHOD_COLORS = {"none": "black", "pi": "tab:blue", "ntk": "tab:orange", "dynamic_ntk": "tab:green", "yarn": "tab:red",
+                 "llama3": "tab:purple"}
+# markers keep coinciding curves apart
+METHOD_MARKERS = {"none": "o", "pi": "s", "ntk": "^", "dynamic_ntk": "v", "yarn": "D", "llama3": "P"}
 BASE_STYLES = ("-", "--", "-.", ":")  # RoPE scaling panels: one line style per unscaled variant (rope, rope+linear)
 
 

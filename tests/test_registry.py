@@ -63,12 +63,15 @@ def test_an_option_the_scheme_does_not_read_is_refused_in_one_line(name, key):
 
 
 def test_the_refusal_names_what_the_scheme_reads_and_comes_before_any_work(no_data):
-    with pytest.raises(ValueError, match=r"^pos.rotary_fraction=0.5: pos=alibi does not read it \(alibi reads no "
-                                         r"pos.\* option besides pos.name; pos.rotary_fraction is read by rope\); "
+    with pytest.raises(ValueError, match=r"^pos.rotary_fraction=0.5: pos=alibi does not read it \(alibi reads "
+                                         r"pos.randomized_max; pos.rotary_fraction is read by rope and xpos\); "
                                          r"drop it$"):
         tiny_config("pos=alibi", "pos.rotary_fraction=0.5")
+    with pytest.raises(ValueError, match=r"^pos.cope_max=8: pos=nope does not read it \(nope reads no pos.\* option "
+                                         r"besides pos.name; pos.cope_max is read by cope\); drop it$"):
+        tiny_config("pos=nope", "pos.cope_max=8")
     with pytest.raises(ValueError, match=r"^pos.max_len=64, pos.clip=3: pos=rope does not read them \(rope reads "
-                                         r"pos.base, pos.layout, .*; pos.max_len is read by learned; pos.clip is "
+                                         r"pos.base, .*; pos.max_len is read by learned; pos.clip is "
                                          r"read by relative\); drop them$"):
         tiny_config("pos.max_len=64", "pos.clip=3")
     # the default of an option is no option given: a scheme's YAML need not list what it does not read
@@ -83,8 +86,8 @@ def test_the_cli_refuses_an_option_the_scheme_does_not_read(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: pos.rotary_fraction=0.5: pos=alibi does not read it (alibi reads no pos.* option besides pos.name; "
-        "pos.rotary_fraction is read by rope); drop it"]
+        "error: pos.rotary_fraction=0.5: pos=alibi does not read it (alibi reads pos.randomized_max; "
+        "pos.rotary_fraction is read by rope and xpos); drop it"]
     assert not (tmp_path / "run").exists()
 
 
@@ -168,7 +171,9 @@ def test_a_registered_scheme_appears_in_every_list_derived_from_the_registry(new
     assert hydra_face.reads("zero_bias") == "pos.clip" and readers("clip") == ["relative", "zero_bias"]
     variants = run_study.load_study("cpu").variants  # after pos_order, by name: nothing to list anywhere
     assert variants["plain"] == ["pos=plain"] and variants["zero_bias"] == ["pos=zero_bias"]
-    assert list(variants).index("zero_bias") == list(variants).index("plain") + 1 > len(ORIGINAL) - 1
+    later = [v for v in variants if v in new_schemes and v not in ORIGINAL]  # after pos_order's, by name
+    assert later == sorted(later) and {"plain", "zero_bias"} <= set(later)
+    assert list(variants).index(later[0]) == len(ORIGINAL)
     cfg = PosConfig(name="zero_bias", clip=3)
     cfg.check_options()
     with pytest.raises(ValueError, match=r"^pos.base=20.0: pos=zero_bias does not read it \(zero_bias reads pos.clip;"):

@@ -58,6 +58,9 @@ OLD_PRESETS = {
 
 
 NEW_VARIANTS = ["learned-32L", "sinusoidal-fairseq"]  # the baselines issue 16 added
+# the schemes registered since (issue 21): variants by name, after the ones configs/run_study.yaml orders
+NEW_SCHEMES = sorted(set(SCHEMES) - set(OLD_VARIANTS))
+STUDY_VARIANTS = [*(v for v in OLD_VARIANTS if v in SCHEMES), *NEW_SCHEMES, "rope+linear", *NEW_VARIANTS]
 
 
 def old_commands(preset: str, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str]):
@@ -114,8 +117,8 @@ def test_cpu_preset_commands_written_out():
 @pytest.mark.parametrize("logger,extra", [("wandb", []), ("none", ["optim.lr=1e-3", "data=sotu"])])
 def test_every_preset_runs_the_commands_it_ran_before(preset, logger, extra):
     study, out = run_study.load_study(preset), Path("/somewhere") / f"my-{preset}"
-    # the old variants, in their order, then the two baselines added since (issue 16)
-    assert list(study.variants) == [*OLD_VARIANTS, *NEW_VARIANTS]
+    # the old variants, in their order, with the schemes registered since, then the two baselines of issue 16
+    assert list(study.variants) == STUDY_VARIANTS
     assert {v: study.variants[v] for v in OLD_VARIANTS} == OLD_VARIANTS
     assert study.preset.seeds == OLD_PRESETS[preset]["seeds"]
     train, evaluate = old_commands(preset, list(OLD_VARIANTS), study.preset.seeds, out, logger, extra)
@@ -155,7 +158,7 @@ def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_run
 
     rc, cmds = run_main(monkeypatch, ["--out", str(out), "--skip-train"])
     assert rc == 0 and cmds == [old_commands("cpu", [], [], out, "wandb", [])[1]]
-    assert json.loads((out / "study.json").read_text())["variants"] == [*OLD_VARIANTS, *NEW_VARIANTS]
+    assert json.loads((out / "study.json").read_text())["variants"] == STUDY_VARIANTS
 
 
 def test_variants_are_the_schemes_in_the_study_order_then_the_named_ones():
@@ -167,21 +170,21 @@ def test_variants_are_the_schemes_in_the_study_order_then_the_named_ones():
 
 
 def test_a_new_scheme_is_a_variant(monkeypatch):
-    monkeypatch.setattr(run_study, "SCHEMES", {**SCHEMES, "xpos": object})
+    monkeypatch.setattr(run_study, "SCHEMES", {**SCHEMES, "zpos": object})
     variants = run_study.load_study("cpu").variants
-    assert list(variants)[-4:-2] == ["xpos", "rope+linear"] and variants["xpos"] == ["pos=xpos"]
+    assert list(variants)[-4:-2] == ["zpos", "rope+linear"] and variants["zpos"] == ["pos=zpos"]
 
 
 @pytest.mark.parametrize("preset", options("study"))
 def test_every_preset_loads_and_names_an_experiment_that_exists(preset):
-    assert options("study") == ["cpu", "extension", "gpu", "quick"]
+    assert options("study") == ["cpu", "extension", "gpu", "quick", "zoo"]
     assert run_study.load_study(preset).preset.experiment in options("experiment")
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--variants", "rope,rotary"], "error: --variants: unknown ['rotary']; choose from ['rope', 'sinusoidal', "),
     (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'extension', 'gpu', "
-                          "'quick')"),
+                          "'quick', 'zoo')"),
     (["--seeds", "0,one"], "error: --seeds: '0,one' is not a comma-separated list of integers"),
 ])  # fmt: skip
 def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
@@ -197,7 +200,7 @@ def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch,
     ("study/quick.yaml", "extrapolation_quick", "extrapolation_fast",
      "experiment=extrapolation_fast is not in configs/experiment/; choose from ['extension', 'extrapolation', "),
     ("study/quick.yaml", "seeds: [0]", "seed: [0]", "configs/study/quick.yaml: Key 'seed' not in 'Preset'"),
-    ("run_study.yaml", "relative, t5]", "relative, t5, xpos]", "pos_order: ['xpos'] are not positional schemes"),
+    ("run_study.yaml", "relative, t5]", "relative, t5, rotary]", "pos_order: ['rotary'] are not positional schemes"),
     ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name positional schemes"),
 ])  # fmt: skip
 def test_a_bad_study_config_fails_in_one_line(tmp_path, monkeypatch, file, old, new, message):
@@ -236,16 +239,16 @@ def test_the_extension_preset_fine_tunes_the_base_rope_runs_and_scores_them_too(
     fake_base(base, [0, 1])
     rc, cmds = run_main(monkeypatch, ["--preset", "extension", "--base", str(base), "--out", str(out),
                                       "--seeds", "0,1", "--logger", "none"])  # fmt: skip
-    assert rc == 0 and len(cmds) == 4 * 2 + 1
+    assert rc == 0 and len(cmds) == 6 * 2 + 1
     pi = cmds[1]  # seed 0, rope+pi-ft
     assert pi[2:9] == ["experiment=extension", "pos=rope", f"trainer.init_from='{base}/runs/pos=rope,seed=0'",
                        "pos.scaling=pi", "pos.scaling_factor=4", "pos.original_len=128", "seed=0"]  # fmt: skip
     assert pi[-1] == f"hydra.run.dir='{out}/runs/variant=rope+pi-ft,seed=0'"
-    assert cmds[4][4] == f"trainer.init_from='{base}/runs/pos=rope,seed=1'"  # seed-major
+    assert cmds[6][4] == f"trainer.init_from='{base}/runs/pos=rope,seed=1'"  # seed-major
     evaluate = cmds[-1]
     assert evaluate[2] == f"ckpt=['{out}/runs','{base}/runs/pos=rope,seed=0','{base}/runs/pos=rope,seed=1']"
     assert "eval.lengths=[128,256,512,1024,2048,4096]" in evaluate
-    assert "eval.rope_scaling=[none,pi,ntk,yarn]" in evaluate
+    assert "eval.rope_scaling=[none,pi,ntk,yarn,llama3]" in evaluate
     assert not any(a.startswith("eval.multipliers") for a in evaluate)
 
 

@@ -127,6 +127,12 @@ def checkpoint(pos: PosConfig, *, seq_len: int = 128, attention: str = "softmax"
     (checkpoint(PosConfig(), seq_len=512, init_from="runs/a"), "rope-ft"),
     (checkpoint(PosConfig(scaling="yarn", scaling_factor=4, original_len=128), seq_len=512, init_from="a.pt"),
      "rope+yarn-ft"),
+    (checkpoint(PosConfig(randomized_max=2048)), "rope+rand"),
+    (checkpoint(PosConfig(name="learned", max_len=2048, randomized_max=2048)), "learned-16L+rand"),
+    (checkpoint(PosConfig(base=500000.0), seq_len=512, init_from="a.pt"), "rope+abf-ft"),
+    (checkpoint(PosConfig(base=500000.0)), "rope+base500000"),
+    (checkpoint(PosConfig(scaling="llama3", scaling_factor=4, original_len=128), seq_len=512, init_from="a.pt"),
+     "rope+llama3-ft"),
 ])  # fmt: skip
 def test_variants_are_named_from_the_config(ck, want):
     assert variant_name(ck, ck["train_cfg"]["trainer"]["seq_len"]) == want

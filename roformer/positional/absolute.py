@@ -32,6 +32,7 @@ class Sinusoidal(PositionalScheme):
     """
 
     options = frozenset({"base", "scale_embeddings", "randomized_max"})
+    relative = False  # added to the token embeddings at their absolute positions
     supports_linear = True
 
     def embed(self, x, ctx):
@@ -46,6 +47,7 @@ class LearnedAbsolute(PositionalScheme):
     """GPT-2-style trainable table of ``pos.max_len`` positions; beyond it the model has nothing to say."""
 
     options = frozenset({"max_len", "randomized_max"})
+    relative = False
     supports_linear = True
 
     @classmethod

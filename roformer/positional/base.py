@@ -233,6 +233,9 @@ class PositionalScheme(nn.Module):
     # rotate() treats queries and keys alike from ctx.cos/ctx.sin alone, so the static decoder (roformer.decoding)
     # may rotate them as one tensor; a scheme that scales them apart (xPos) says False
     qk_alike: ClassVar[bool] = True
+    # the scores depend on the query-key offset alone: shifting every position changes no logit (tests/test_zoo.py
+    # checks the claim both ways for every registered scheme); an absolute scheme says False
+    relative: ClassVar[bool] = True
     # Derived from the class in __init_subclass__, never set by hand:
     has_bias: ClassVar[bool] = False  # overrides bias(): adds to attention scores (the additive-bias path)
     supports_scaling: ClassVar[bool] = False  # overrides with_scaling(): a zero-shot context extension
