@@ -118,3 +118,10 @@ def test_zero_shot_evaluation_uses_the_trained_factors_and_no_temperature():
         assert torch.equal(zero_shot, scaled(ids)[0]) and not torch.allclose(zero_shot, plain)
     assert (pos.cfg.low_freq_factor, pos.cfg.high_freq_factor) == (0.5, 2.0) and pos.mscale == 1.0
     assert trained.pos.cfg.scaling == RopeScaling.none  # put back after the block
+
+
+def test_frequency_factors_with_another_scaling_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^pos.low_freq_factor/pos.high_freq_factor shape pos.scaling=llama3 only, "
+                                         r"not yarn: drop them or use scaling llama3$"):
+        PosConfig(scaling="yarn", scaling_factor=2.0, original_len=8, high_freq_factor=8.0)
+    assert PosConfig(scaling="llama3", scaling_factor=2.0, original_len=8, high_freq_factor=8.0).high_freq_factor == 8

@@ -46,6 +46,9 @@ class KerpleKind(str, Enum):
     power = "power"
 
 
+DEFAULT_FREQ_FACTORS = (1.0, 4.0)  # Llama 3.1's low and high frequency factors
+
+
 @dataclass
 class PosConfig:
     """Positional scheme. ``name`` selects a class from :data:`SCHEMES`; each other field is read by the schemes
@@ -66,8 +69,8 @@ class PosConfig:
     original_len: int = 0
     # rope, scaling llama3: wavelengths above original_len / low_freq_factor are interpolated by the factor, those
     # below original_len / high_freq_factor are kept, a ramp in between (Llama 3.1's values: 1 and 4).
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = DEFAULT_FREQ_FACTORS[0]
+    high_freq_factor: float = DEFAULT_FREQ_FACTORS[1]
     # xpos: the exponent's scale: query n is scaled by zeta^(n / B), key m by zeta^(-m / B) (the reference code: 512).
     xpos_scale_base: float = 512.0
     # xpos, evaluation: blockwise causal attention of the xPos paper: with the training length l given here, each
@@ -126,6 +129,11 @@ class PosConfig:
             raise ValueError(f"pos.low_freq_factor={self.low_freq_factor}, pos.high_freq_factor="
                              f"{self.high_freq_factor}: need 0 < low_freq_factor < high_freq_factor")
         self.kerple_kind = KerpleKind(self.kerple_kind)
+        self.scaling = RopeScaling(self.scaling)
+        factors = (self.low_freq_factor, self.high_freq_factor) != DEFAULT_FREQ_FACTORS
+        if factors and self.scaling not in (RopeScaling.none, RopeScaling.llama3):
+            raise ValueError(f"pos.low_freq_factor/pos.high_freq_factor shape pos.scaling=llama3 only, not "
+                             f"{self.scaling.value}: drop them or use scaling llama3")
         if self.scaling_factor < 1.0:
             raise ValueError(f"pos.scaling_factor={self.scaling_factor} must be >= 1 (1 means no scaling)")
         self.scaling = RopeScaling(self.scaling)
