@@ -8,6 +8,10 @@
   there PyTorch's CPU flash kernel is the slower one. Everything else goes to
   ``F.scaled_dot_product_attention``.
 * :class:`DecodeWeights`: the linear weights of a decoding step in the layout one row reads fastest.
+* :func:`bias_flex`: a bias scheme's attention through FlexAttention with its ``score_mod`` and a causal
+  BlockMask from the positions (compiled on CUDA), so the (H, T, S) bias is never materialised; where it does
+  not apply (:class:`BiasKernel`), the model's additive-mask path. Tested against that path in
+  ``tests/test_flex_attention.py``.
 * :func:`rotate_pairs`: RoPE's rotation written straight into one new tensor (:func:`_rotate_into`), and in
   training one autograd node (:class:`_Rotary`) whose backward is the rotation by the opposite angle.
 
@@ -20,8 +24,16 @@ Measured speeds and errors are in ``docs/performance.md``, not here: they change
 
 from __future__ import annotations
 
+import functools
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
+
+try:  # FlexAttention (torch >= 2.5): the bias schemes' score_mod path; without it they keep the additive mask
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -215,6 +227,127 @@ def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FlexAttention for bias schemes: the bias as a score_mod, never materialised
+
+
+class BiasKernel(str, Enum):
+    """How softmax attention adds a bias scheme's term to the scores (``model.bias_kernel``)."""
+
+    auto = "auto"  # flex where flex_available(device, head_dim), with a score_mod and no dropout active; else mask
+    mask = "mask"  # the scheme's bias() as an additive mask, in blocks of queries: every device, dropout, any scheme
+    flex = "flex"  # FlexAttention with the scheme's score_mod wherever torch has it (CPU: eager, forward only)
+
+
+# FlexAttention's CUDA kernels need heads of at least this many dimensions (Triton's dot product); torch refuses less
+FLEX_MIN_HEAD_DIM = 16
+
+
+def flex_available(device, head_dim: int = FLEX_MIN_HEAD_DIM) -> bool:
+    """Whether ``bias_kernel=auto`` may use FlexAttention on ``device`` for heads of ``head_dim``: this torch has
+    it, the device is CUDA and the heads are wide enough. A CPU runs its forward but not its backward (torch
+    raises), so CPU training stays on the mask path."""
+    return flex_attention is not None and torch.device(device).type == "cuda" and head_dim >= FLEX_MIN_HEAD_DIM
+
+
+def check_bias_kernel(kind, dropout: float) -> BiasKernel:
+    """``model.bias_kernel`` as a :class:`BiasKernel`, refusing in one line what FlexAttention cannot do: run on a
+    torch without it, or apply attention dropout (it has none)."""
+    try:
+        kind = BiasKernel(kind)
+    except ValueError:
+        allowed = ", ".join(k.value for k in BiasKernel)
+        raise ValueError(f"model.bias_kernel={kind!r} is not a bias kernel; choose one of {allowed}") from None
+    if kind == BiasKernel.flex and flex_attention is None:
+        raise ValueError(f"model.bias_kernel=flex needs torch.nn.attention.flex_attention, which torch "
+                         f"{torch.__version__} lacks (torch >= 2.5 has it); use bias_kernel=auto or mask")
+    if kind == BiasKernel.flex and dropout > 0:
+        raise ValueError(f"model.bias_kernel=flex has no attention dropout (model.dropout={dropout}); set "
+                         "model.dropout=0, or use bias_kernel=auto (the mask path while dropout is active)")
+    return kind
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process, at its first use; eager flex is a slow reference that
+    materialises every score. ``dynamic`` is left to torch: the first length compiles a static kernel, a second
+    one recompiles with symbolic lengths, which then serves every further length (evaluation's grid of lengths, a
+    growing KV cache) without compiling again."""
+    return torch.compile(flex_attention)
+
+
+def causal_block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """FlexAttention's BlockMask of the causal mask by position: query i sees key j where k_pos[j] <= q_pos[i], the
+    mask of the additive path, so it serves a KV cache (keys before the queries) and non-consecutive positions."""
+
+    def causal(b, h, q_idx, kv_idx):
+        return k_pos[kv_idx] <= q_pos[q_idx]
+
+    return create_block_mask(causal, None, None, q_pos.numel(), k_pos.numel(), device=q_pos.device)
+
+
+def flex_bias_attention(q, k, v, score_mod, q_pos: torch.Tensor, k_pos: torch.Tensor, block_mask=None):
+    """softmax(q k^T / sqrt(D) + bias) v over the keys at or before each query's position, through FlexAttention:
+    ``score_mod(score, b, h, q_idx, kv_idx)`` adds the bias (q_idx, kv_idx index ``q_pos`` (T,) and ``k_pos``
+    (S,)), ``block_mask`` is :func:`causal_block_mask` of them (made here when None). q (B, H, T, D), k and v
+    (B, H, S, D) -> (B, H, T, D) in q's dtype.
+
+    Which flex: inside a compiled model, the plain function (the model's graph takes it in); else on CUDA the
+    compiled one (:func:`_compiled_flex`); else (CPU) eager flex, the reference, which materialises the scores.
+
+    Precision, as the additive path's: scores are fp32 whatever q's dtype. Eager flex multiplies q and k upcast to
+    fp32 and takes the softmax in fp32; the compiled kernel accumulates q k^T in fp32, as flash attention does. The
+    score_mod sees that fp32 score and the schemes' captured tables stay fp32 (autocast casts q, k and v only), so
+    the bias is added in fp32 too; the probabilities are rounded to v's dtype for their product with v.
+    """
+    if block_mask is None:
+        block_mask = causal_block_mask(q_pos, k_pos)
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        run = flex_attention
+    else:
+        run = _compiled_flex()
+    return run(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+# The last BlockMask made by bias_flex, with the PosContext and position tensors it was made from: the layers of one
+# forward share it (each forward builds a new context, so it is not reused across forwards; holding the context keeps
+# its id from being recycled). Not under torch.compile, where the mask is traced into the graph.
+_last_block_mask: list = [None, None, None, None]  # ctx, q_pos, k_pos, BlockMask
+
+
+def bias_flex(q, k, v, pos, ctx, layer: int, kind: BiasKernel, dropout_p: float) -> torch.Tensor | None:
+    """The attention of bias scheme ``pos`` (its ``score_mod(ctx, layer)``) through FlexAttention when ``kind``
+    chooses it (see :class:`BiasKernel`), else None: the caller takes the additive-mask path. ``bias_kernel=flex``
+    is refused in one line where it cannot run: a scheme without a score_mod, dropout, or a backward on a device
+    where FlexAttention has none."""
+    auto_ok = dropout_p == 0 and flex_available(q.device, q.shape[-1])
+    if kind == BiasKernel.mask or (kind == BiasKernel.auto and not auto_ok):
+        return None
+    score_mod = pos.score_mod(ctx, layer)
+    if kind == BiasKernel.auto and score_mod is None:
+        return None
+    if score_mod is None:
+        raise ValueError(f"model.bias_kernel=flex: pos={pos.name} has no score_mod (its bias is not a function of "
+                         "the positions alone); use bias_kernel=auto or mask")
+    if dropout_p > 0:
+        raise ValueError(f"model.bias_kernel=flex has no attention dropout (dropout_p={dropout_p}); use "
+                         "bias_kernel=auto or mask")
+    if q.device.type == "cuda" and q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"model.bias_kernel=flex: heads of {q.shape[-1]} dimensions, and FlexAttention on CUDA "
+                         f"needs at least {FLEX_MIN_HEAD_DIM}; use bias_kernel=auto or mask")
+    if torch.is_grad_enabled() and q.requires_grad and not flex_available(q.device):
+        raise ValueError(f"model.bias_kernel=flex: FlexAttention has no backward on {q.device.type} in torch "
+                         f"{torch.__version__}; train there with bias_kernel=auto or mask")
+    if torch.compiler.is_compiling():
+        block_mask = None
+    elif all(a is b for a, b in zip((ctx, ctx.q_pos, ctx.k_pos), _last_block_mask, strict=False)):
+        block_mask = _last_block_mask[3]
+    else:
+        block_mask = causal_block_mask(ctx.q_pos, ctx.k_pos)
+        _last_block_mask[:] = ctx, ctx.q_pos, ctx.k_pos, block_mask
+    return flex_bias_attention(q, k, v, score_mod, ctx.q_pos, ctx.k_pos, block_mask)
 
 
 def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:

@@ -4,9 +4,10 @@ Token embedding -> n_layer pre-norm blocks (causal self-attention, GELU MLP) -> 
 the embedding by default. Attention goes through ``kernels.attention``: ``F.scaled_dot_product_attention``, or
 for bf16 on CPU over short lengths a hand-written matmul path; the loss is ``kernels.cross_entropy``, in fp32.
 Schemes that add to the scores use the same call with an additive mask, computed in blocks of queries so
-memory stays bounded at long lengths. ``attention=linear`` is RoFormer's section 3.3: causal linear attention
-with an elu+1 feature map, RoPE on the mapped queries/keys in the numerator and the unrotated ones in the
-normaliser.
+memory stays bounded at long lengths; on CUDA, those whose bias depends on positions alone go through FlexAttention
+with their ``score_mod`` instead, which never materialises it (``model.bias_kernel``). ``attention=linear`` is
+RoFormer's section 3.3: causal linear attention with an elu+1 feature map, RoPE on the mapped queries/keys in the
+numerator and the unrotated ones in the normaliser.
 
 The forward takes an ``offset`` (or explicit ``positions``) and an optional :class:`KVCache`, so a window in the
 middle of a document, or token-by-token decoding, gives the same logits as one full forward. When the scheme's
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roformer.kernels import DecodeWeights, attention, cross_entropy
+from roformer.kernels import BiasKernel, DecodeWeights, attention, bias_flex, check_bias_kernel, cross_entropy
 from roformer.positional import SCHEMES, PosConfig, PosContext, PositionalScheme, RopeScaling, build_positional
 
 
@@ -61,6 +62,10 @@ class ModelConfig:
     activation: Activation = Activation.gelu
     # additive-bias path: queries per block (bounds memory at long lengths: H x block x keys floats)
     bias_block: int = 512
+    # bias schemes' kernel: flex (FlexAttention with the scheme's score_mod: the bias is never materialised; no
+    # dropout), mask (its bias() as an additive mask, in blocks of bias_block queries), or auto: flex on CUDA (torch
+    # with it, heads of 16+ dims) for a scheme with a score_mod, while no dropout is active; else mask (BiasKernel)
+    bias_kernel: BiasKernel = BiasKernel.auto
     # linear attention: chunk length of the chunked causal scan
     linear_chunk: int = 64
     init_std: float = 0.02
@@ -80,6 +85,7 @@ class ModelConfig:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be positive")
         self.attention = AttentionKind(self.attention)
         self.activation = Activation(self.activation)
+        self.bias_kernel = check_bias_kernel(self.bias_kernel, self.dropout)
 
     @property
     def head_dim(self) -> int:
@@ -181,6 +187,8 @@ class CausalSelfAttention(nn.Module):
             if ctx.is_causal:
                 return attention(q, k, v, dropout_p=p)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=p)
+        if (y := bias_flex(q, k, v, pos, ctx, self.layer, self.cfg.bias_kernel, p)) is not None:
+            return y  # FlexAttention with the scheme's score_mod, where model.bias_kernel chooses it
         # Additive bias: one block of queries at a time, so the (H, block, S) bias is all that is materialised.
         # When the keys are the queries themselves (no cache), a block [s, e) only needs keys [0, e): the later
         # ones are all masked, so leaving them out halves the work of a long causal sequence.
@@ -435,10 +443,10 @@ class TransformerLM(nn.Module):
                 raise ValueError(f"offset={offset} with randomized positions (pos.randomized_max): a window is drawn "
                                  "its own positions; score it from its start or pass positions")
             return self.pos.draw_positions(T, dev)
-        n = len(cache)
-        if cache.planned is None or n + T > cache.planned.numel():
-            raise ValueError(f"randomized positions: the cache planned {0 if cache.planned is None else cache.planned.numel()} "
-                             f"positions and {n + T} are asked; give KVCache(capacity=) the final length")
+        n, planned = len(cache), 0 if cache.planned is None else cache.planned.numel()
+        if n + T > planned:
+            raise ValueError(f"randomized positions: the cache planned {planned} positions and {n + T} are asked; "
+                             "give KVCache(capacity=) the final length")
         return cache.planned[n : n + T]
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, reduction: str = "mean"):

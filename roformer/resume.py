@@ -350,7 +350,8 @@ def claim_run_dir(run_dir: Path, resumed_step: int | None) -> None:
 
 # model.* keys a fine-tune may change: what the weights do not depend on (vocab_size is the tokenizer's, checked on
 # its own)
-INIT_FREE = ("model.vocab_size", "model.dropout", "model.bias_block", "model.linear_chunk", "model.init_std")
+INIT_FREE = ("model.vocab_size", "model.dropout", "model.bias_block", "model.bias_kernel", "model.linear_chunk",
+             "model.init_std")
 # pos.* keys a fine-tune of a scheme with a context extension (supports_scaling: RoPE) may change, the point of
 # fine-tuning at a longer trainer.seq_len: the scaling and its settings, and the base (ABF, Xiong et al. 2023)
 EXTENSION_KEYS = ("pos.base", "pos.scaling", "pos.scaling_factor", "pos.original_len", "pos.low_freq_factor",

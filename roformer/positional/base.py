@@ -202,6 +202,7 @@ class PosContext:
     mask: torch.Tensor | None = None  # otherwise (T, S) bool, True where a query may attend a key
     cos: torch.Tensor | None = None  # rope: (T, rot/2) in the activation dtype
     sin: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # xpos: (T, rot/2) zeta^((q_pos - centre) / B), the queries' factor; keys' 1/it
     # YaRN's attention temperature: q and k are multiplied by it before attention (softmax: scores scale by its
     # square; linear: before the feature map, so numerator and normaliser see the same sharpened features)
     qk_scale: float = 1.0
@@ -320,7 +321,7 @@ class PositionalScheme(nn.Module):
         """The same bias as FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, where q_idx and
         kv_idx index ``ctx.q_pos`` and ``ctx.k_pos``; None when the scheme has none (then the model adds
         ``bias`` as a mask). Only for biases that depend on positions alone, so FlexAttention never materialises
-        them (the model's ``attention_kernel`` decides when it is used)."""
+        them (``model.bias_kernel`` decides when it is used: kernels.bias_flex)."""
         return None
 
     @property

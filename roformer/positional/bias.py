@@ -47,6 +47,14 @@ class ALiBi(PositionalScheme):
         dist = (ctx.q_pos[q_idx, None] - ctx.k_pos[None, :]).to(torch.float32)  # (t, S)
         return -(self.slopes[:, None, None] * dist).unsqueeze(0)  # (1, H, t, S)
 
+    def score_mod(self, ctx, layer):
+        q_pos, k_pos, slopes = ctx.q_pos, ctx.k_pos, self.slopes
+
+        def alibi_score(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_pos[q_idx] - k_pos[kv_idx]).to(torch.float32)
+
+        return alibi_score
+
 
 def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """Causal T5 buckets for distances n = m - k >= 0: exact below num_buckets/2, log-spaced up to
@@ -76,3 +84,16 @@ class T5Bias(PositionalScheme):
         rel = ctx.q_pos[q_idx, None] - ctx.k_pos[None, :]  # (t, S)
         b = self.buckets(t5_bucket(rel, self.cfg.num_buckets, self.cfg.max_distance))  # (t, S, H)
         return b.permute(2, 0, 1).unsqueeze(0)  # (1, H, t, S)
+
+    def score_mod(self, ctx, layer):
+        # the bias of every distance 0 .. n_pos-1 (no query sees a key further away), looked up once here, so a score
+        # costs a few gathers; autograd carries FlexAttention's gradient of the table back to the buckets
+        dist = torch.arange(ctx.n_pos, device=ctx.q_pos.device)
+        table = self.buckets(t5_bucket(dist, self.cfg.num_buckets, self.cfg.max_distance))  # (n_pos, H)
+        q_pos, k_pos, last = ctx.q_pos, ctx.k_pos, ctx.n_pos - 1
+
+        def t5_score(score, b, h, q_idx, kv_idx):
+            # masked keys after the query have negative distances: clamped to stay inside the table
+            return score + table[(q_pos[q_idx] - k_pos[kv_idx]).clamp(0, last), h]
+
+        return t5_score

@@ -108,14 +108,17 @@ class FIRE(PositionalScheme):
         f = self.layers[layer]
         q_pos, k_pos = ctx.q_pos, ctx.k_pos
         c, threshold = f.c.float(), f.threshold
-        w1, b1, w2, b2 = f.w1.float(), f.b1.float(), f.w2.float(), f.b2.float()
+        # one tensor per hidden unit (unbind), each read once: FlexAttention's backward refuses a score_mod that
+        # indexes one tensor needing gradients several times
+        w1, b1 = f.w1.float().unbind(0), f.b1.float().unbind(0)  # 32 scalars each
+        w2, b2 = f.w2.float().unbind(1), f.b2.float()  # 32 (H,) columns
 
         def fire_score(score, b, h, q_idx, kv_idx):
             dist = (q_pos[q_idx] - k_pos[kv_idx]).to(torch.float32)
             x = fire_input(dist, q_pos[q_idx].to(torch.float32), c, threshold)
             out = b2[h]
-            for n in range(w1.shape[0]):  # the hidden layer, unrolled: scalar operations only
-                out = out + w2[h, n] * torch.relu(w1[n] * x + b1[n])
+            for w1n, b1n, w2n in zip(w1, b1, w2, strict=True):  # the hidden layer, unrolled: scalar operations only
+                out = out + w2n[h] * torch.relu(w1n * x + b1n)
             return score + out.to(score.dtype)
 
         return fire_score

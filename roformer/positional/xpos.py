@@ -21,11 +21,9 @@ Off by default (0). The paper applies it at 2x and 4x the training length (Table
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 
-from roformer.positional.base import PosConfig, PosContext, PositionalScheme, RopeLayout, register
+from roformer.positional.base import PosConfig, PositionalScheme, RopeLayout, register
 from roformer.positional.rotary import RoPE
 
 GAMMA = 0.4  # torchscale and x-transformers: (arange(0, d, 2) + 0.4 d) / (1.4 d)
@@ -34,11 +32,6 @@ GAMMA = 0.4  # torchscale and x-transformers: (arange(0, d, 2) + 0.4 d) / (1.4 d
 def xpos_zeta(rot_dim: int, gamma: float = GAMMA) -> torch.Tensor:
     """zeta_i = (2i/d + gamma) / (1 + gamma) for i = 0 .. d/2 - 1, in float64."""
     return (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim + gamma) / (1 + gamma)
-
-
-@dataclass
-class XPosContext(PosContext):
-    scale: torch.Tensor | None = None  # (T, rot/2): zeta^((q_pos - centre) / B), the queries' factor; keys' is 1/it
 
 
 @register("xpos")
@@ -67,8 +60,7 @@ class XPos(RoPE):
         ctx = super().context(q_pos, k_pos, n_pos, dtype)
         power = (q_pos.to(torch.float64) - self.centre(n_pos)) / self.cfg.xpos_scale_base  # (T,)
         scale = self.zeta.to(q_pos.device)[None, :] ** power[:, None]  # (T, rot/2), float64
-        ctx = XPosContext(**{f.name: getattr(ctx, f.name) for f in fields(PosContext)}, scale=scale.to(dtype))
-        ctx.block = self.cfg.bca_len // 2
+        ctx.scale, ctx.block = scale.to(dtype), self.cfg.bca_len // 2
         return ctx
 
     def _pair_scale(self, scale: torch.Tensor) -> torch.Tensor:
