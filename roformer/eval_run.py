@@ -1,8 +1,9 @@
 """What evaluate.py does: checkpoints -> their data with their own tokenizer -> the grid of cells -> result files.
 
 The grid is checkpoint x RoPE scaling method (RoPE checkpoints only) x protocol x length; each cell is scored by
-the pure functions of :mod:`roformer.evaluation`. The files are written by :mod:`roformer.reporting` and the
-dashboard runs by :mod:`roformer.logger`.
+the pure functions of :mod:`roformer.evaluation`. After a checkpoint's cells come the retrieval probes asked for
+(``eval.probes``: passkey, copy; :mod:`roformer.probes`), at the same lengths and RoPE scaling methods. The files
+are written by :mod:`roformer.reporting` and the dashboard runs by :mod:`roformer.logger`.
 
 A checkpoint's own corpus is read from the token cache built when it was trained (same tokenizer, so the same
 tokens); another corpus, or a training cache that is gone, is tokenized once with the checkpoint's tokenizer into
@@ -33,6 +34,7 @@ from roformer.data import DataConfig, PreparedData, TokenSplit, open_prepared, p
 from roformer.data import tokenizer as toklib
 from roformer.evaluation import (
     EvalSettings,
+    Probe,
     Protocol,
     TextCounter,
     cell_cost,
@@ -45,6 +47,7 @@ from roformer.evaluation import (
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import LoggerConfig, log_evaluation
 from roformer.positional import DEFAULTS, SCHEMES, RopeScaling
+from roformer.probes import copy_distances, probe_cost, run_probes
 from roformer.reporting import CSV_FIELDS, add_ratios, write_outputs
 from roformer.runtime import keep_freed_memory, resolve_device
 
@@ -191,6 +194,7 @@ class Share:
     n_fixed_docs: int  # fixed_target documents scored
     n_long_docs: int  # documents long enough for the largest length
     costs: dict[tuple[str, int], int]  # (protocol, length) -> input tokens read, per RoPE scaling method
+    probe_cost: int = 0  # input tokens the probes read, about, per RoPE scaling method
 
 
 def share_of(pl: Plan, data_cfg: DataConfig, data: PreparedData, split: TokenSplit, s: EvalSettings) -> Share:
@@ -202,7 +206,8 @@ def share_of(pl: Plan, data_cfg: DataConfig, data: PreparedData, split: TokenSpl
              cell_cost(p, L, n_targets=n_targets, stride=s.stride, n_docs=len(fixed))
              for p in s.protocols for L in pl.lengths}  # fmt: skip
     return Share(data_cfg, data, split, docs, n_targets=n_targets, target_tokens=fixed_target_tokens(s, pl.lengths),
-                 n_fixed_docs=len(fixed), n_long_docs=len(long_documents(docs, max(pl.lengths))), costs=costs)
+                 n_fixed_docs=len(fixed), n_long_docs=len(long_documents(docs, max(pl.lengths))), costs=costs,
+                 probe_cost=probe_cost(s, pl.lengths, pl.train_len, pl.table))
 
 
 def _values(xs) -> str:
@@ -239,7 +244,23 @@ def describe(plans: list[Plan], shares: list[Share], s: EvalSettings) -> str:
                      "to score all of it: eval.max_tokens=0 eval.max_docs=0")
     else:
         lines.append(f"that is all of the {s.split} split")
+    if s.probes:
+        lines.append(describe_probes(plans, s))
     return "\n".join(lines)
+
+
+def describe_probes(plans: list[Plan], s: EvalSettings) -> str:
+    """One line: the probes each checkpoint (and RoPE scaling method) gets after its perplexity cells."""
+    parts = []
+    for probe in s.probes:
+        if probe == Probe.passkey:
+            n_len = _values(len(pl.lengths) for pl in plans)
+            parts.append(f"passkey at {n_len} lengths x {len(s.probe_depths)} depths x {s.probe_trials} keys")
+        else:
+            ds = {d for pl in plans for d in copy_distances(pl.train_len, pl.lengths)}
+            parts.append(f"copy of {s.copy_span} tokens at {len(ds)} distances ({min(ds)}..{max(ds)}) x "
+                         f"{s.probe_trials} spans")
+    return f"then the probes (eval.probe_seed={s.probe_seed}): {'; '.join(parts)}"
 
 
 def variant_name(ck: dict, train_len: int) -> str:
@@ -290,28 +311,35 @@ def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_doc
     }
 
 
-def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device, on_cell, results: dict) -> None:
-    """Every cell of one checkpoint into ``results`` (rows and per-position curves)."""
+def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device, on_cell, results: dict,
+                      on_probe=None) -> None:
+    """Every cell of one checkpoint into ``results`` (rows and per-position curves), then its probes' rows."""
     model = model_from_checkpoint(pl.ckpt).to(device)
     counter = TextCounter.from_tokenizer(sh.data.tokenizer)
     bca = s.bca and "bca_len" in model.pos.options and model.pos.cfg.bca_len == 0
     if bca:  # the model is this function's own: setting its scheme's option changes nothing else
         model.pos.cfg.bca_len = pl.train_len + pl.train_len % 2
+    variants = {sc: record["variant"] + ("" if sc == RopeScaling.none else f"+{sc.value}") + ("+bca" if bca else "")
+                for sc in pl.scalings}
+    ids = {"label": pl.label, "scheme": record["scheme"]}
     with torch.inference_mode():
-        for scaling in pl.scalings:
-            variant = record["variant"] + ("" if scaling == RopeScaling.none else f"+{scaling.value}")
-            variant += "+bca" if bca else ""
+        for scaling, variant in variants.items():
             cells, per_pos = evaluate_model(model, stream=np.asarray(sh.split.tokens), docs=sh.docs,
                                             lengths=pl.lengths, settings=s, scaling=scaling, train_len=pl.train_len,
                                             counter=counter, device=device, on_cell=on_cell)
             for c in cells:
-                results["results"].append({"label": pl.label, "variant": variant, "scheme": record["scheme"],
-                                           "rope_scaling": scaling.value, "seed": record["seed"],
-                                           "train_len": pl.train_len, **c.as_dict()})
+                results["results"].append({**ids, "variant": variant, "rope_scaling": scaling.value,
+                                           "seed": record["seed"], "train_len": pl.train_len, **c.as_dict()})
             if per_pos:
                 L = max(per_pos)
                 results["per_position"].append({"label": pl.label, "variant": variant, "rope_scaling": scaling.value,
                                                 "length": L, "mean_loss": per_pos[L]})
+    for scaling, variant in variants.items() if s.probes else ():
+        cells = run_probes(model, tok=sh.data.tokenizer, eod_id=sh.data.eod_id, stream=np.asarray(sh.split.tokens),
+                           lengths=pl.lengths, train_len=pl.train_len, settings=s, scaling=scaling, device=device,
+                           on_cell=on_probe)
+        results["probes"] += [{**ids, "variant": variant, "rope_scaling": scaling.value, "seed": record["seed"],
+                               "train_len": pl.train_len, **c.as_dict()} for c in cells]
 
 
 def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
@@ -332,13 +360,14 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
     for line in describe(plans, shares, s).splitlines():
         log.info(line)
     n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
-    total = sum(sum(sh.costs.values()) * len(pl.scalings) for pl, sh in zip(plans, shares, strict=True))
+    total = sum((sum(sh.costs.values()) + sh.probe_cost) * len(pl.scalings)
+                for pl, sh in zip(plans, shares, strict=True))
     # one bar over every cell, in input tokens read, so that its rate and ETA hold across cells of unequal cost:
     # a sliding cell reads about twice what a nonoverlapping one does, a fixed_target cell grows with its length
     bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not s.progress,
                dynamic_ncols=True)
     results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
-               "results": [], "per_position": []}
+               "results": [], "per_position": [], "probes": []}
     t_start, done = time.perf_counter(), 0
     for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
         record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)
@@ -350,7 +379,11 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
             bar.set_postfix_str(f"{pl.label}, cell {done}/{n_cells}", refresh=False)
             bar.update(sh.costs[(cell.protocol, cell.length)])
 
-        _score_checkpoint(pl, record, sh, s, device, on_cell, results)
+        def on_probe(tokens, pl=pl):
+            bar.set_postfix_str(f"{pl.label}, probes", refresh=False)
+            bar.update(tokens)
+
+        _score_checkpoint(pl, record, sh, s, device, on_cell, results, on_probe)
         if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
             log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(plans), pl.label,
                      len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip

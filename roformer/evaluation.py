@@ -44,6 +44,13 @@ class Protocol(str, Enum):
     fixed_target = "fixed_target"
 
 
+class Probe(str, Enum):
+    """Retrieval probes evaluate.py can run beside perplexity (roformer/probes.py)."""
+
+    passkey = "passkey"
+    copy = "copy"
+
+
 class OnShort(str, Enum):
     skip = "skip"  # mark the cell skipped, with the reason, and go on
     error = "error"  # stop with the reason
@@ -88,8 +95,20 @@ class EvalSettings:
     device: str = "auto"
     on_short: OnShort = OnShort.skip
     progress: bool = True
+    # retrieval probes run after each checkpoint's perplexity cells (roformer/probes.py): passkey, copy; empty: none.
+    # Names, not Probe: a bad one is then refused in one line below (Hydra's enum error takes several)
+    probes: list[str] = field(default_factory=list)
+    # the probes' trials are drawn from this seed: every checkpoint gets the same keys, spans and filler
+    probe_seed: int = 0
+    # random trials per passkey (length, depth) and per copy distance
+    probe_trials: int = 5
+    # passkey: the fractions of the filler before the key line
+    probe_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    # copy: the random span's length in tokens (the first of its repeat is not scored)
+    copy_span: int = 16
 
     def __post_init__(self) -> None:
+        self._check_probes()
         for L in self.lengths:
             if not isinstance(L, int) or isinstance(L, bool) or L < 1:
                 raise ValueError(f"eval.lengths: {L!r} is not a positive integer number of tokens")
@@ -111,6 +130,24 @@ class EvalSettings:
                 f"eval.stride={self.stride} is larger than the length {min(self.lengths)}; "
                 "a stride must be at most the window length"
             )
+
+    def _check_probes(self) -> None:
+        names = [p.value for p in Probe]
+        for p in self.probes:
+            if p not in names:
+                raise ValueError(f"eval.probes: {p!r} is not a probe; choose from {names} (eval.probes=[] runs none)")
+        self.probes = [Probe(p) for p in dict.fromkeys(self.probes)]
+        if self.probe_seed < 0:
+            raise ValueError(f"eval.probe_seed={self.probe_seed} must be >= 0")
+        if self.probe_trials < 1:
+            raise ValueError(f"eval.probe_trials={self.probe_trials} must be at least 1")
+        if Probe.passkey in self.probes and not self.probe_depths:
+            raise ValueError("eval.probe_depths is empty; give fractions of the filler before the key, e.g. [0.5]")
+        for d in self.probe_depths:
+            if not 0 <= d <= 1:
+                raise ValueError(f"eval.probe_depths: {d!r} must be a fraction in [0, 1]")
+        if self.copy_span < 2:
+            raise ValueError(f"eval.copy_span={self.copy_span} must be at least 2 (its first token is not scored)")
 
     def lengths_for(self, train_len: int) -> list[int]:
         if self.lengths:

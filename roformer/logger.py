@@ -14,7 +14,9 @@ Names (:func:`run_names`, applied by ``train.py``): a sweep's runs share a group
 of them (the experiment preset, then the fixed overrides) and each is named by what varies (``pos=rope,seed=1``);
 runs are tagged with their scheme and preset. Training and evaluation runs keep ``pos``, ``seed``, ``model`` and
 ``trainer`` at the same config paths, so one workspace groups both by ``pos.name``; an evaluation run logs one
-history row per evaluation length (``eval/length`` is its x-axis), so a line plot overlays the schemes.
+history row per evaluation length (``eval/length`` is its x-axis), so a line plot overlays the schemes. The
+retrieval probes (eval.probes) join those rows (``eval/passkey/key_top1``, a mean over depths), or, placed by a
+distance, get rows of their own on the ``eval/distance`` axis (``eval/copy/top1``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import netrc
 import os
 import secrets
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -292,6 +295,7 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config: dict, *, run_id: str |
 EVAL_TABLE_SKIP = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
 # an evaluation run's x-axis, and the metrics of each (protocol, RoPE scaling) logged against it
 EVAL_STEP = "eval/length"
+EVAL_DISTANCE = "eval/distance"  # the copy probe's x-axis: tokens between the span and its repeat
 EVAL_METRICS = ("ppl", "ratio", "bits_per_byte", "word_ppl")
 
 
@@ -303,21 +307,46 @@ def eval_key(protocol: str, rope_scaling: str, metric: str) -> str:
     return f"eval/{protocol}/{metric}" if rope_scaling == "none" else f"eval/{protocol}/{rope_scaling}/{metric}"
 
 
-def eval_history(rows: list[dict]) -> list[dict]:
+def eval_history(rows: list[dict], probes: list[dict] = ()) -> list[dict]:
     """One checkpoint's result rows -> one wandb history row per length, shortest first: ``eval/length``,
-    ``eval/length_multiple`` (length / training length) and every scored metric under :func:`eval_key`.
+    ``eval/length_multiple`` (length / training length) and every scored metric under :func:`eval_key`; the
+    probes scored by length (passkey) add theirs, a mean over depths: ``eval/passkey/key_top1``.
     Cells that were not scored (``n/a``, ``skipped``) leave their keys out; a length with none is left out."""
     by_length: dict[int, dict] = {}
+
+    def at(L: int, train_len: int) -> dict:
+        return by_length.setdefault(L, {EVAL_STEP: L, "eval/length_multiple": L / train_len})
+
     for r in rows:
         if r["status"] != "ok":
             continue
-        row = by_length.setdefault(r["length"], {EVAL_STEP: r["length"],
-                                                  "eval/length_multiple": r["length"] / r["train_len"]})
+        row = at(r["length"], r["train_len"])
         for m in EVAL_METRICS:
             v = r.get(m)
             if v is not None and math.isfinite(v):
                 row[eval_key(r["protocol"], r["rope_scaling"], m)] = float(v)
+    for (L, probe, scaling, metric), (v, train_len) in probe_means(probes, "length").items():
+        at(L, train_len)[eval_key(probe, scaling, metric)] = v
     return [by_length[L] for L in sorted(by_length)]
+
+
+def probe_means(probes: list[dict], axis: str) -> dict[tuple, tuple[float, int]]:
+    """(length or distance, probe, RoPE scaling, metric) -> (mean over depths, training length), for the scored
+    probe rows placed by ``axis`` (``length``: passkey; ``distance``: copy)."""
+    values = defaultdict(list)
+    for r in probes:
+        if r["status"] == "ok" and r.get(axis) is not None and math.isfinite(r["value"]):
+            values[(r[axis], r["probe"], r["rope_scaling"], r["metric"], r["train_len"])].append(r["value"])
+    return {key[:-1]: (float(sum(v) / len(v)), key[-1]) for key, v in values.items()}
+
+
+def distance_history(probes: list[dict]) -> list[dict]:
+    """The probes placed by distance (copy) -> one wandb history row per distance, ``eval/distance`` its x-axis."""
+    by_distance: dict[int, dict] = {}
+    for (d, probe, scaling, metric), (v, train_len) in sorted(probe_means(probes, "distance").items()):
+        row = by_distance.setdefault(d, {EVAL_DISTANCE: d, "eval/distance_multiple": d / train_len})
+        row[eval_key(probe, scaling, metric)] = v
+    return list(by_distance.values())
 
 
 def eval_run_config(ck: dict, settings: dict) -> dict:
@@ -329,6 +358,29 @@ def eval_run_config(ck: dict, settings: dict) -> dict:
             "eval": {**settings, "data": ck["data"], "split_tokens": ck["split_tokens"],
                      "split_docs": ck["split_docs"]},
             "checkpoint": {k: ck.get(k) for k in ("path", "label", "variant", "attention", "step", "tokens_seen")}}
+
+
+# the probe table's columns on the dashboard: the probe rows' fields less those of the checkpoint
+PROBE_COLUMNS = ["variant", "rope_scaling", "probe", "metric", "length", "distance", "depth", "value", "n", "status",
+                 "prompt_tokens", "chance"]
+
+
+def probe_summary(probes: list[dict]) -> dict[str, float]:
+    """The probes' summary keys, as ``eval/ppl@L``: ``eval/passkey_key_top1@512`` (a mean over depths),
+    ``eval/copy_top1@128`` (at a distance); a RoPE scaling method adds ``/<method>``."""
+    out = {}
+    for axis in ("length", "distance"):
+        for (x, probe, scaling, metric), (v, _) in probe_means(probes, axis).items():
+            out[f"eval/{probe}_{metric}@{x}" + ("" if scaling == "none" else f"/{scaling}")] = v
+    return out
+
+
+def log_probe_summary(run, wandb, probes: list[dict]) -> None:
+    """The probe rows as a table, and their summary keys (:func:`probe_summary`)."""
+    run.log({"eval/probes": wandb.Table(columns=PROBE_COLUMNS, data=[[r.get(c) for c in PROBE_COLUMNS]
+                                                                      for r in probes])})
+    for k, v in probe_summary(probes).items():
+        run.summary[k] = v
 
 
 def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: list[str]) -> None:
@@ -343,6 +395,7 @@ def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: lis
 
         for ck in results["checkpoints"]:
             rows = [r for r in results["results"] if r["label"] == ck["label"]]
+            probes = [r for r in results.get("probes") or [] if r["label"] == ck["label"]]
             trained = ck["config"]["train"].get("logger") or {}
             tags = list(dict.fromkeys([*cfg.tags, *(trained.get("tags") or []), ck["scheme"]]))
             run = wandb_init(cfg, wandb_mode(cfg.mode), out_dir, group=cfg.group or ck.get("group"), job_type="eval",
@@ -352,8 +405,16 @@ def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: lis
             for protocol in dict.fromkeys(r["protocol"] for r in rows):
                 run.define_metric(f"eval/{protocol}/*", step_metric=EVAL_STEP)
             run.define_metric("eval/length_multiple", step_metric=EVAL_STEP)
-            for row in eval_history(rows):
+            if any(r.get("distance") is not None for r in probes):
+                run.define_metric(EVAL_DISTANCE)
+                run.define_metric("eval/distance_multiple", step_metric=EVAL_DISTANCE)
+            for probe in dict.fromkeys(r["probe"] for r in probes):  # passkey by length, copy by distance
+                by_distance = any(r.get("distance") is not None for r in probes if r["probe"] == probe)
+                run.define_metric(f"eval/{probe}/*", step_metric=EVAL_DISTANCE if by_distance else EVAL_STEP)
+            for row in eval_history(rows, probes) + distance_history(probes):
                 run.log(row)
+            if probes:
+                log_probe_summary(run, wandb, probes)
             cols = [c for c in columns if c not in EVAL_TABLE_SKIP]
             table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
             ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]

@@ -11,7 +11,11 @@
                   "status": "ok" | "n/a" | "skipped", "note", "ppl", "nll_sum", "tokens", "bytes", "words",
                   "bits_per_byte", "word_ppl", "ratio",            # ratio: ppl / ppl at the training length
                   "target_tokens"}],                               # fixed_target rows: K, last tokens per doc
-     "per_position": [{"label", "variant", "rope_scaling", "length", "mean_loss": [...]}]}
+     "per_position": [{"label", "variant", "rope_scaling", "length", "mean_loss": [...]}],
+     "probes": [{"label", "variant", "scheme", "rope_scaling", "seed", "train_len", "probe", "metric", "value",
+                 "n", "length", "distance", "depth", "status", "note", "prompt_tokens", "chance"}]}
+
+``probes`` (roformer/probes.py, eval.probes) is absent from files written before it; readers take it as empty.
 
 A *variant* is what a reader compares: the scheme, "+linear" for linear attention, "+<method>" for a RoPE
 scaling method. Seeds of one variant are aggregated (mean and standard deviation) in the markdown and plots.
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from roformer.files import atomic_write
+from roformer.probe_report import probe_markdown, probe_rows, probe_terminal
 
 CSV_FIELDS = [
     "label",
@@ -87,14 +92,8 @@ def aggregate(rows: list[dict]) -> dict:
                 "note": "",
             }
         else:
-            out[key] = {
-                "mean": None,
-                "std": None,
-                "n": 0,
-                "ratio_mean": None,
-                "status": rs[0]["status"],
-                "note": rs[0]["note"],
-            }
+            out[key] = {"mean": None, "std": None, "n": 0, "ratio_mean": None, "status": rs[0]["status"],
+                        "note": rs[0]["note"]}
     return out
 
 
@@ -171,7 +170,7 @@ def markdown(results: dict) -> str:
         out += ["", "Skipped cells:", ""]
         for r in skipped:
             out.append(f"- {r['label']} {r['protocol']} L={r['length']}: {r['note']}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + (probe_markdown(results) if probe_rows(results) else "")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -503,11 +502,10 @@ def _json_default(o):
 
 def terminal_summary(results: dict) -> str:
     """What evaluate.py prints: one :func:`terminal_table` per protocol that was scored, in the order the results
-    hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table."""
+    hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table; then every probe's."""
     protocols = list(dict.fromkeys(r["protocol"] for r in results["results"]))
-    if not protocols:
-        return "no cells were scored"
-    return "\n\n".join(terminal_table(results, p) for p in protocols)
+    tables = [terminal_table(results, p) for p in protocols] or ["no cells were scored"]
+    return "\n\n".join(tables + ([probe_terminal(results)] if probe_rows(results) else []))
 
 
 def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:

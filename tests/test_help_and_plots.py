@@ -84,7 +84,8 @@ def test_train_help(helps):
     assert listed_groups(text)["pos"] == sorted(SCHEMES)  # ${schemes:}: the registry
     linear = sorted(n for n, c in SCHEMES.items() if c.supports_linear)
     assert f"linear: RoFormer 3.3, with {', '.join(linear)}\n" in text  # ${schemes:linear}
-    assert "pos.KEY=VALUE   # pos=rope reads pos.base, pos.layout, pos.original_len, pos.rotary_fraction," in text
+    reads = ", ".join(f"pos.{k}" for k in sorted(SCHEMES["rope"].options))  # ${reads:rope}: the scheme's options
+    assert f"pos.KEY=VALUE   # pos=rope reads {reads}\n" in text
     # the values come from the composed config
     assert "This command line selects: model=small pos=rope data=wikitext2 optim=adamw logger=wandb" in text
     assert "trainer.max_steps=600 " in text and "trainer.seq_len=256 " in text
