@@ -1,6 +1,7 @@
 """Train short, test long: train every positional scheme, evaluate all checkpoints, write one report.
 
-    python scripts/run_study.py                      # CPU preset: 8 variants x 3 seeds, < 90 min on 2 cores
+    python scripts/run_study.py                      # CPU preset: every scheme and variant x 3 seeds
+    python scripts/run_study.py --preset zoo         # the schemes of 2022-2024 beside five classics, ~90 min
     python scripts/run_study.py --preset quick       # one seed, fewer lengths, < 20 min
     python scripts/run_study.py --preset gpu         # GPT-2 small at L = 512 on WikiText-103 (GPU, internet)
     python scripts/run_study.py --out studies/mine --seeds 0,1 -- optim.lr=1e-3   # extra overrides for every run
