@@ -7,6 +7,11 @@ gradients over ranks, and the loss of a micro-batch is divided by ``grad_accum``
 over the global batch whatever its split into ranks and micro-batches (``WindowSampler`` gives the ranks
 disjoint slices of one seeded global batch, so the windows are the same too).
 
+Task data (``data=task``): the sampler is chosen by the data (:func:`make_sampler`). A split of task examples is
+drawn as whole examples padded to one width, with the targets of prompt and padding set to ``IGNORE_INDEX`` so
+that the loss (the model's cross-entropy ignores them) is on the answers only (``ExampleSampler``); validation is
+the same loss over every validation example (:func:`evaluate_examples`) instead of windows.
+
 Device, precision, ranks and seeds are set up by :mod:`roformer.runtime`; checkpoints are built, written and
 checked by :mod:`roformer.checkpoint`; metrics go through :mod:`roformer.logger`.
 
@@ -44,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from roformer import checkpoint as ckpt_lib
-from roformer.data import PreparedData, WindowSampler, prepare
+from roformer.data import IGNORE_INDEX, ExampleSampler, PreparedData, TokenSplit, WindowSampler, example_batch, prepare
 from roformer.files import ensure_writable, to_plain
 from roformer.logger import NullLogger, make_logger
 from roformer.model import TransformerLM
@@ -109,6 +114,29 @@ def evaluate(model, tokens: np.ndarray, starts: np.ndarray, rt: Runtime, batch_s
     return float(nll / count)
 
 
+@torch.no_grad()
+def evaluate_examples(model, split: TokenSplit, rt: Runtime, batch_size: int) -> float:
+    """Task examples (data=task): the mean loss on the answers of every example of ``split``, prompts masked as in
+    training (this rank takes every world_size-th batch; the sums are all-reduced)."""
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=rt.device)
+    count = torch.zeros((), dtype=torch.float64, device=rt.device)
+    idx = np.arange(split.n_docs)
+    width = int(np.diff(split.doc_offsets).max()) - 1  # one shape for every batch (a compiled model keeps its graph)
+    for i in range(rt.rank * batch_size, split.n_docs, batch_size * rt.world_size):
+        x, y = (t.to(rt.device) for t in example_batch(split, idx[i : i + batch_size], width))
+        with rt.autocast():
+            _, loss = model(x, y, reduction="sum")  # the ignored targets (prompt, padding) add nothing
+        nll += loss.double()
+        count += (y != IGNORE_INDEX).sum()
+    if rt.distributed:
+        dist.all_reduce(nll)
+        dist.all_reduce(count)
+    model.train(was_training)
+    return float(nll / count)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What a step changes, and what moves between steps
 
@@ -123,7 +151,7 @@ class Trainee:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    sampler: WindowSampler
+    sampler: WindowSampler | ExampleSampler
 
 
 @dataclass
@@ -139,16 +167,23 @@ class Progress:
     init_from: dict | None = None  # where the weights of a fine-tune came from (trainer.init_from), kept on resume
 
 
-def build(cfg: TrainConfig, rt: Runtime, train_tokens: np.ndarray) -> Trainee:
+def build(cfg: TrainConfig, rt: Runtime, train: np.ndarray | TokenSplit) -> Trainee:
     """A fresh model, optimiser, schedule, scaler and sampler (in this order: the model's init draws from the
-    seeded generator)."""
+    seeded generator). ``train``: the training token stream, or the training split."""
     t = cfg.trainer
     model = TransformerLM(cfg.model, cfg.pos).to(rt.device)
     opt, sched = build_optimizer(model, cfg.optim, t.max_steps, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.use_scaler)
-    sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, rank=rt.rank,
-                            world_size=rt.world_size)
-    return Trainee(model, model, opt, sched, scaler, sampler)
+    return Trainee(model, model, opt, sched, scaler, make_sampler(train, t, cfg.seed, rt))
+
+
+def make_sampler(train: np.ndarray | TokenSplit, t: TrainerConfig, seed: int, rt: Runtime):
+    """The training batches the data asks for: whole padded examples with the loss on their answers for a split of
+    task examples (data=task), else random windows of the token stream."""
+    if isinstance(train, TokenSplit) and train.prompt_lens is not None:
+        return ExampleSampler(train, t.seq_len, t.batch_size, seed=seed, rank=rt.rank, world_size=rt.world_size)
+    tokens = train.tokens if isinstance(train, TokenSplit) else train
+    return WindowSampler(tokens, t.seq_len, t.batch_size, seed=seed, rank=rt.rank, world_size=rt.world_size)
 
 
 def restore(tr: Trainee, resumed: Resume, cfg: TrainConfig) -> Progress:
@@ -270,7 +305,7 @@ def _start(cfg: TrainConfig, run_dir: Path, data: PreparedData | None,
     for source in (resumed, init):
         if source is not None:
             source.check_tokenizer(data.vocab_size, data.tokenizer_json)
-    tr = build(cfg, rt, data.splits["train"].tokens)
+    tr = build(cfg, rt, data.splits["train"])
     p = restore(tr, resumed, cfg) if resumed is not None else Progress()
     if init is not None:  # every rank loads the same weights, before compile and DDP
         init.load_into(tr.raw)
@@ -289,7 +324,8 @@ def _start_logging(cfg: TrainConfig, rt: Runtime, run_dir: Path, tr: Trainee, da
     t = cfg.trainer
     n_params = tr.raw.num_params()
     global_batch = t.batch_size * rt.world_size * t.grad_accum
-    run_info = {"world_size": rt.world_size, "global_batch": global_batch, "tokens_per_step": global_batch * t.seq_len,
+    run_info = {"world_size": rt.world_size, "global_batch": global_batch,
+                "tokens_per_step": global_batch * tr.sampler.seq_len,
                 "n_params": n_params, "precision_resolved": rt.precision, "device_resolved": str(rt.device),
                 "run_dir": str(run_dir)}
     logger = make_logger(cfg.logger, run_dir, {**to_plain(cfg), "run": run_info}, run_id=p.run_id, rank=rt.rank)
@@ -297,7 +333,7 @@ def _start_logging(cfg: TrainConfig, rt: Runtime, run_dir: Path, tr: Trainee, da
     uni = unigram_ppl(train_tokens, val_tokens, data.vocab_size) if rt.is_main else float("nan")
     log.info("model %s, %.2fM params, pos=%s; %s on %s x%d; global batch %d x %d tokens; unigram val ppl %.1f",
              cfg.model.attention.value, n_params / 1e6, cfg.pos.name, rt.precision, rt.device.type, rt.world_size,
-             global_batch, t.seq_len, uni)
+             global_batch, tr.sampler.seq_len, uni)
     logger.summary({"val/unigram_ppl": uni, "n_params": n_params})
     if t.deterministic and rt.device.type == "cpu" and rt.precision == "bf16" and torch.get_num_threads() > 1:
         log.info("note: bf16 on %d CPU threads is reproducible only to ~1e-6; for bit-exact repeats use "
@@ -326,14 +362,18 @@ def _train(cfg: TrainConfig, run_dir: str | os.PathLike, data: PreparedData | No
     log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
     ckpt_dir = run_dir / "checkpoints"
     cfg, data, tr, p = _start(cfg, run_dir, data, rt)
-    val_tokens = data.splits["validation"].tokens
-    starts = eval_starts(len(val_tokens), t.seq_len, t.eval_iters * t.batch_size * rt.world_size)
+    val = data.splits["validation"]
+    if val.prompt_lens is None:  # a corpus: fixed windows of the validation stream
+        starts = eval_starts(len(val.tokens), t.seq_len, t.eval_iters * t.batch_size * rt.world_size)
+        val_loss_of = lambda model: evaluate(model, val.tokens, starts, rt, t.batch_size, t.seq_len)
+    else:  # task examples (data=task): the loss on the answers of every validation example
+        val_loss_of = lambda model: evaluate_examples(model, val, rt, t.batch_size)
     wrap(tr, t, rt)
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * rt.world_size
+    tokens_per_step = t.batch_size * tr.sampler.seq_len * t.grad_accum * rt.world_size  # seq_len: the batches' width
     logger, uni = _start_logging(cfg, rt, run_dir, tr, data, p)
 
     def validate() -> float:
-        val_loss = evaluate(tr.model, val_tokens, starts, rt, t.batch_size, t.seq_len)
+        val_loss = val_loss_of(tr.model)
         ppl = math.exp(min(val_loss, 700.0))
         logger.log({"val/loss": val_loss, "val/ppl": ppl}, step=p.step, tokens=p.tokens_seen)
         log.info("step %d: val/loss %.4f, val/ppl %.2f (unigram %.1f)", p.step, val_loss, ppl, uni)

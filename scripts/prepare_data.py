@@ -5,6 +5,7 @@
     python scripts/prepare_data.py data=wikitext2 data.vocab_size=16384
     python scripts/prepare_data.py data=text_files 'data.train_files=[my/*.txt]'
     python scripts/prepare_data.py data=hub data.hub_path=roneneldan/TinyStories data.test_split=null
+    python scripts/prepare_data.py data=task data.task=addition      # counts only: tasks are never cached
 
 Prints the counts per split (documents, source lines, bytes, words, tokens), the cache folder and the time.
 A second run with the same settings finds the cache and does no work. Exit codes: 0 done; 2 a usage error (an
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from roformer.config import Task, launch  # noqa: E402
-from roformer.data import DataConfig, format_counts, prepare  # noqa: E402
+from roformer.data import TASK, DataConfig, format_counts, prepare  # noqa: E402
 
 
 @dataclass
@@ -48,7 +49,10 @@ def main(dcfg: DictConfig) -> None:
     print(f"\n{cfg.data.name}: vocab {data.vocab_size:,} (eod id {data.eod_id}, tokenizer {data.tokenizer_hash[:12]}),"
           f" {data.splits['train'].tokens.dtype} ids")
     print(format_counts(data))
-    print(f"cache: {data.cache_path} (counts in meta.json)")
+    if cfg.data.name == TASK:
+        print("cache: none (data=task is generated in memory from data.task_seed whenever it is used)")
+    else:
+        print(f"cache: {data.cache_path} (counts in meta.json)")
     print(f"time: {seconds:.1f}s")
 
 

