@@ -50,6 +50,7 @@ from roformer.positional import DEFAULTS, SCHEMES, RopeScaling
 from roformer.probes import copy_distances, probe_cost, run_probes
 from roformer.reporting import CSV_FIELDS, add_ratios, write_outputs
 from roformer.runtime import keep_freed_memory, resolve_device
+from roformer.tasks import checkpoint_bins, format_rows, is_task, score_task
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,27 @@ def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device
                                "train_len": pl.train_len, **c.as_dict()} for c in cells]
 
 
+def _score_task_checkpoint(pl: Plan, s: EvalSettings, device, results: dict) -> None:
+    """A checkpoint trained on an algorithmic task (data=task): greedy exact match per length bin, in the task's own
+    unit, on examples regenerated from its data config (no perplexity: a window of prompts and answers means
+    nothing). Scored as trained, without RoPE scalings."""
+    dc = DataConfig(**pl.ckpt["data_cfg"])
+    model = model_from_checkpoint(pl.ckpt).to(device)
+    ident = {"label": pl.label, "variant": variant_name(pl.ckpt, pl.train_len), "scheme": pl.ckpt["pos_cfg"]["name"],
+             "seed": pl.ckpt["train_cfg"].get("seed"), "task": dc.task, "train_len": dc.task_max_len}
+    results["checkpoints"].append({**ident, "path": str(pl.path), "step": pl.ckpt.get("step"), "data": to_plain(dc),
+                                   "config": {"model": pl.ckpt["model_cfg"], "pos": pl.ckpt["pos_cfg"],
+                                              "train": pl.ckpt["train_cfg"]}})
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        rows = score_task(model, toklib.from_json(pl.ckpt["tokenizer_json"]), dc.task, checkpoint_bins(dc),
+                          n_per_bin=s.task_examples, seed=dc.task_seed, device=device)
+    for r in rows:
+        results["tasks"].append({**ident, "metric": "exact_match", "bin_lo": r["bin"][0], "bin_hi": r["bin"][1],
+                                 "value": r["accuracy"], "n": r["n"], "n_correct": r["n_correct"],
+                                 "max_tokens": r["max_tokens"]})
+    log.info("task checkpoint %s, exact match of greedy decoding per length bin:\n%s", pl.label, format_rows(rows))
+
+
 def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
     """Score every checkpoint x RoPE scaling x protocol x length; write the result files; return the results."""
     s = cfg.eval
@@ -349,6 +371,8 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
     if device.type == "cpu":
         keep_freed_memory()  # see roformer/runtime.py
     plans = plan(cfg)
+    task_plans = [pl for pl in plans if is_task(DataConfig(**pl.ckpt["data_cfg"]))]  # scored by exact match
+    plans = [pl for pl in plans if pl not in task_plans]
     loaded: dict = {}  # (data config, tokenizer) -> (data, split): checkpoints of one sweep share their split
     shares = []
     for pl in plans:
@@ -367,7 +391,9 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
     bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not s.progress,
                dynamic_ncols=True)
     results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
-               "results": [], "per_position": [], "probes": []}
+               "results": [], "per_position": [], "probes": [], "tasks": []}
+    for pl in task_plans:
+        _score_task_checkpoint(pl, s, device, results)
     t_start, done = time.perf_counter(), 0
     for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
         record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)

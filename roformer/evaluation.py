@@ -106,6 +106,8 @@ class EvalSettings:
     probe_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     # copy: the random span's length in tokens (the first of its repeat is not scored)
     copy_span: int = 16
+    # task checkpoints (data=task): greedy exact match on this many examples per length bin (roformer/tasks.py)
+    task_examples: int = 200
 
     def __post_init__(self) -> None:
         self._check_probes()
@@ -146,6 +148,8 @@ class EvalSettings:
         for d in self.probe_depths:
             if not 0 <= d <= 1:
                 raise ValueError(f"eval.probe_depths: {d!r} must be a fraction in [0, 1]")
+        if self.task_examples < 1:
+            raise ValueError(f"eval.task_examples={self.task_examples} must be at least 1")
         if self.copy_span < 2:
             raise ValueError(f"eval.copy_span={self.copy_span} must be at least 2 (its first token is not scored)")
 

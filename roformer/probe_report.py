@@ -134,3 +134,42 @@ def probe_terminal(results: dict) -> str:
         lines += [f"{status}: {v} {note.removeprefix('n/a ')}" for status, v, note in notes]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def task_table(results: dict, markdown: bool) -> str:
+    """Task checkpoints (rows of ``results["tasks"]``, roformer/tasks.py): exact match of greedy decoding per length
+    bin, a row per task and variant (mean over seeds), the bins as columns; n/a past a learned position table."""
+    rows = results.get("tasks") or []
+    by: dict = defaultdict(list)
+    for r in rows:
+        by[(r["task"], r["variant"], (r["bin_lo"], r["bin_hi"]))].append(r["value"])
+    bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in rows})
+    keys = list(dict.fromkeys((r["task"], r["variant"]) for r in rows))
+    seeds = {k: len({r["seed"] for r in rows if (r["task"], r["variant"]) == k}) for k in keys}
+
+    def cell(vals) -> str:
+        if not vals or any(v is None for v in vals):
+            return "n/a"
+        return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals):.3f}" if len(vals) > 1 else "")
+
+    head = ["task", "variant", "seeds", *(f"{lo}-{hi}" for lo, hi in bins)]
+    table = [head] + [[t, v, str(seeds[(t, v)]), *(cell(by.get((t, v, b))) for b in bins)] for t, v in keys]
+    title = "exact match of greedy decoding per instance-length bin (the task's unit), mean over seeds"
+    if markdown:
+        return "\n".join([f"## Tasks: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                          *("| " + " | ".join(r) + " |" for r in table[1:])]) + "\n"
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return "\n".join([title, *("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
+                                         enumerate(zip(r, widths, strict=True))).rstrip() for r in table)])
+
+
+def sections_markdown(results: dict) -> str:
+    """results.md's sections after the perplexity tables: the probes', then the tasks'."""
+    return (probe_markdown(results) if probe_rows(results) else "") + (
+        "\n" + task_table(results, True) if results.get("tasks") else "")
+
+
+def sections_terminal(results: dict) -> list[str]:
+    """What evaluate.py prints after the perplexity tables: the probes' tables, then the tasks'."""
+    return ([probe_terminal(results)] if probe_rows(results) else []) + (
+        [task_table(results, False)] if results.get("tasks") else [])

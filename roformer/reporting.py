@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from roformer.files import atomic_write
-from roformer.probe_report import probe_markdown, probe_rows, probe_terminal
+from roformer.probe_report import sections_markdown, sections_terminal
 
 CSV_FIELDS = [
     "label",
@@ -170,7 +170,7 @@ def markdown(results: dict) -> str:
         out += ["", "Skipped cells:", ""]
         for r in skipped:
             out.append(f"- {r['label']} {r['protocol']} L={r['length']}: {r['note']}")
-    return "\n".join(out) + "\n" + (probe_markdown(results) if probe_rows(results) else "")
+    return "\n".join(out) + "\n" + sections_markdown(results)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -475,14 +475,14 @@ def save_fig(fig, path: Path) -> None:
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     """Every output file, each written atomically; returns their paths. The ratio plot needs a cell at the
     training length, the per-position plot per-position records: each is left out without them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     writers = {
         "results.json": lambda p: atomic_write(p, json.dumps(results, indent=1, default=_json_default) + "\n"),
         "results.csv": lambda p: write_csv(p, results["results"]),
         "results.md": lambda p: atomic_write(p, markdown(results)),
-        "ppl_vs_length.png": lambda p: plot_ppl_vs_length(results, p),
     }
+    if results["results"]:  # task checkpoints alone have no perplexity to plot
+        writers["ppl_vs_length.png"] = lambda p: plot_ppl_vs_length(results, p)
     if has_ratios(results):  # needs a perplexity at the training length to divide by
         writers["ppl_ratio_vs_length.png"] = lambda p: plot_ppl_ratio(results, p)
     if results["per_position"]:
@@ -504,8 +504,8 @@ def terminal_summary(results: dict) -> str:
     """What evaluate.py prints: one :func:`terminal_table` per protocol that was scored, in the order the results
     hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table; then every probe's."""
     protocols = list(dict.fromkeys(r["protocol"] for r in results["results"]))
-    tables = [terminal_table(results, p) for p in protocols] or ["no cells were scored"]
-    return "\n\n".join(tables + ([probe_terminal(results)] if probe_rows(results) else []))
+    tables = [terminal_table(results, p) for p in protocols] or ["no perplexity cells were scored"]
+    return "\n\n".join(tables + sections_terminal(results))
 
 
 def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:

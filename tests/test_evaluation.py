@@ -318,7 +318,7 @@ def test_terminal_summary_shows_every_protocol_that_was_scored():
     heads = [line.split(" perplexity")[0] for line in terminal_summary({"results": both}).splitlines()
              if " perplexity, mean over seeds" in line]  # fmt: skip
     assert heads == ["fixed_target", "sliding", "nonoverlapping"]
-    assert terminal_summary({"results": []}) == "no cells were scored"
+    assert terminal_summary({"results": []}) == "no perplexity cells were scored"
 
 
 # ---- end to end: two tiny training runs, then evaluate.py over both ----

@@ -20,8 +20,12 @@ from roformer import checkpoint as ckpt_lib
 from roformer.data import IGNORE_INDEX, DataConfig, DataError, ExampleSampler, example_batch, open_prepared, prepare
 from roformer.data import tasks as T
 from roformer.data.tokenizer import from_json
+from roformer.eval_run import EvalConfig, run_evaluation
+from roformer.evaluation import EvalSettings
 from roformer.generation import generate
+from roformer.logger import LoggerConfig
 from roformer.model import TransformerLM
+from roformer.reporting import terminal_summary
 from roformer.tasks import bin_examples, checkpoint_bins, correct, is_task, score_task
 from roformer.training import train
 
@@ -329,3 +333,21 @@ def test_prepare_data_cli_prints_the_task_counts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"(?m)^train +500 ", proc.stdout) and "generated in memory" in proc.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_scores_a_task_checkpoint_by_exact_match_per_bin(tmp_path, capsys):
+    """evaluate.py on a task run: no perplexity, a row per length bin in results.json, results.md and the terminal."""
+    cfg = tiny_config("data=task", "data.task=parity", "data.task_max_len=4", "data.task_train_size=2000",
+                      "data.task_val_size=50", "trainer.max_steps=3", "trainer.eval_interval=3")
+    train(cfg, tmp_path / "run")
+    res = run_evaluation(EvalConfig(ckpt=str(tmp_path / "run"), logger=LoggerConfig(kind="none", job_type="eval"),
+                                    eval=EvalSettings(device="cpu", progress=False, task_examples=20)),
+                         tmp_path / "eval")
+    assert res["results"] == [] and res["probes"] == []
+    bins = [(r["bin_lo"], r["bin_hi"]) for r in res["tasks"]]
+    assert bins == [(1, 4), (5, 8), (9, 12), (13, 16)]
+    assert all(r["task"] == "parity" and r["n"] == 20 and r["value"] == r["n_correct"] / 20 for r in res["tasks"])
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "## Tasks: exact match" in md and "| parity | rope | 1 |" in md
+    text = terminal_summary(res)
+    assert "exact match of greedy decoding per instance-length bin" in text and "1-4" in text and "13-16" in text
