@@ -88,6 +88,19 @@ def text_corpus(tmp_path_factory) -> list[str]:
             "data.vocab_size=300"]
 
 
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "tree", "cloud"]
+
+
+def word_corpus(root: Path, n_docs: dict[str, int], n_words: int) -> list[str]:
+    """Write ``<split>.txt`` files of ``n_docs[split]`` documents of ``n_words`` random WORDS each (seed 0), one
+    document per paragraph; return the CLI overrides of a text_files corpus on them, cached under root/cache."""
+    rng = np.random.default_rng(0)
+    for split, n in n_docs.items():
+        (root / f"{split}.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS, n_words)) + "." for _ in range(n)))
+    return ["data=text_files", f"data.train_files=[{root / 'train.txt'}]", f"data.test_files=[{root / 'test.txt'}]",
+            "data.txt_sample_by=paragraph", f"data.cache_dir={root / 'cache'}", "data.vocab_size=300"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
 

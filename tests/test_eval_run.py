@@ -5,9 +5,8 @@ import logging
 import os
 from dataclasses import replace
 
-import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, word_corpus
 
 from roformer.data import DataConfig, open_prepared, prepare
 from roformer.eval_run import EvalConfig, describe, plan, run_evaluation, share_of
@@ -15,21 +14,14 @@ from roformer.evaluation import EvalSettings
 from roformer.logger import LoggerConfig
 from roformer.training import train
 
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "tree", "cloud"]
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A RoPE model trained at 32 tokens (below eval.target_tokens=256) on a text_files corpus cached under
     cache/, and the data config it was trained with."""
     root = tmp_path_factory.mktemp("eval_run")
-    rng = np.random.default_rng(0)
-    for split, n_docs in (("train", 30), ("test", 6)):
-        docs = [" ".join(rng.choice(WORDS, 700)) + "." for _ in range(n_docs)]
-        (root / f"{split}.txt").write_text("\n\n".join(docs))
-    cfg = tiny_config("pos=rope", "trainer.max_steps=4", "trainer.eval_interval=4", "data=text_files",
-                      f"data.train_files=[{root / 'train.txt'}]", f"data.test_files=[{root / 'test.txt'}]",
-                      "data.txt_sample_by=paragraph", f"data.cache_dir={root / 'cache'}", "data.vocab_size=300")
+    cfg = tiny_config("pos=rope", "trainer.max_steps=4", "trainer.eval_interval=4",
+                      *word_corpus(root, {"train": 30, "test": 6}, 700))
     train(cfg, root / "run")
     return root, cfg.data
 

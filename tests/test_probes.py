@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, tiny_config, wandb_runs
+from conftest import CONFIGS, tiny_config, wandb_runs, word_corpus
 
 from roformer.data import tokenizer as toklib
 from roformer.eval_run import EvalConfig, run_evaluation
@@ -239,13 +239,8 @@ def test_a_bad_probe_on_the_command_line_is_one_line():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("probes")
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "tree", "cloud"]
-    for split, n_docs in (("train", 12), ("test", 4)):
-        (root / f"{split}.txt").write_text("\n\n".join(" ".join(rng.choice(words, 400)) + "." for _ in range(n_docs)))
-    cfg = tiny_config("pos=rope", "trainer.max_steps=4", "trainer.eval_interval=4", "data=text_files",
-                      f"data.train_files=[{root / 'train.txt'}]", f"data.test_files=[{root / 'test.txt'}]",
-                      "data.txt_sample_by=paragraph", f"data.cache_dir={root / 'cache'}", "data.vocab_size=300")
+    corpus = word_corpus(root, {"train": 12, "test": 4}, 400)
+    cfg = tiny_config("pos=rope", "trainer.max_steps=4", "trainer.eval_interval=4", *corpus)
     train(cfg, root / "run")
     return root
 
