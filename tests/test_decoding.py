@@ -45,7 +45,8 @@ SERVED = {
     "rope_biases_untied": ("rope", {}, {"bias": True, "tie_embeddings": False, "activation": "gelu_tanh"}),
 }
 # and every other scheme without a bias, as its YAML trains it (a new scheme is covered without being listed)
-SERVED |= {n: (n, {}, {}) for n in sorted(SCHEMES) if not SCHEMES[n].has_bias and n not in SERVED}
+SERVED |= {n: (n, {}, {}) for n in sorted(SCHEMES) if not SCHEMES[n].has_bias and SCHEMES[n].qk_alike
+           and n not in SERVED}
 
 
 def tiny(name="rope", seed=0, pos=None, **model):
@@ -199,6 +200,8 @@ def test_two_interleaved_generations_of_one_model():
 
 @pytest.mark.parametrize("name, pos, model_kw, why", [
     *[(n, {}, {}, "bias to the attention scores") for n in sorted(SCHEMES) if SCHEMES[n].has_bias],
+    *[(n, {}, {}, "transforms queries and keys differently") for n in sorted(SCHEMES)
+      if not SCHEMES[n].has_bias and not SCHEMES[n].qk_alike],
     ("rope", {"scaling": "dynamic_ntk", "scaling_factor": 1.0, "original_len": 16}, {}, "dynamic NTK"),
     ("rope", {}, {"attention": "linear"}, "running state"),
 ])  # fmt: skip
@@ -216,6 +219,14 @@ def test_unsupported_models_decode_with_decode_step(name, pos, model_kw, why, ca
         for _ in range(len(got)):
             seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
     assert got == seq[len(prompt):]
+
+
+def test_randomized_positions_decode_with_decode_step():
+    """A drawn position plan is the forward's (KVCache.planned), not the static step's counted positions."""
+    model = tiny("rope", 0, {"randomized_max": 64})
+    assert "positions are drawn" in decoding.unsupported(model, 32)
+    assert len(list(generate(model, prompt_of(), max_new_tokens=5, decode="static"))) == 5
+    assert decoding.last_path(model) == "decode_step"
 
 
 def test_training_mode_and_auto_on_cpu_use_decode_step():
