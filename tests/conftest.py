@@ -120,6 +120,8 @@ def read_wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk wandb's service is still writing: read it next time
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:  # full
             records.append(chunk)
@@ -160,12 +162,20 @@ def read_wandb_run(path: Path, timeout: float = 60.0) -> WandbRun:
     import json
     import time
 
+    from google.protobuf.message import DecodeError
+
     path = Path(path)
     if path.is_dir():
         (path,) = path.glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        recs = read_wandb_records(path)
+        try:
+            recs = read_wandb_records(path)
+        except DecodeError:  # read in the middle of a write; the file is whole once the service flushed it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         exits = [r.exit for r in recs if r.WhichOneof("record_type") == "exit"]
         if exits or time.monotonic() > deadline:
             break

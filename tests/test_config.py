@@ -218,7 +218,8 @@ def test_a_failed_call_leaves_an_existing_run_folder_as_it_was(tmp_path):
 
 @pytest.mark.parametrize("args, code, last_line", [
     (["data.nope=1"], 2, "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."),
-    (["data.name=nope"], 2, "error: data.name='nope' is not one of: wikitext2, wikitext103, sotu, hub, text_files"),
+    (["data.name=nope"], 2,
+     "error: data.name='nope' is not one of: wikitext2, wikitext103, sotu, hub, text_files, task"),
     (["data=text_files"], 2, "error: data.train_files is required for data=text_files, e.g. "
                              "data.train_files=[corpus.txt]"),
     (NOWHERE, 1, "error: data.train_files: '/nowhere/doc*.txt' matches no file"),
