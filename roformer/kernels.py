@@ -311,11 +311,6 @@ def flex_bias_attention(q, k, v, score_mod, q_pos: torch.Tensor, k_pos: torch.Te
     return run(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
-# The last BlockMask made by bias_flex, with the PosContext and position tensors it was made from: the layers of one
-# forward share it (each forward builds a new context, so it is not reused across forwards; holding the context keeps
-# its id from being recycled). Not under torch.compile, where the mask is traced into the graph.
-_last_block_mask: list = [None, None, None, None]  # ctx, q_pos, k_pos, BlockMask
-
 
 def bias_flex(q, k, v, pos, ctx, layer: int, kind: BiasKernel, dropout_p: float) -> torch.Tensor | None:
     """The attention of bias scheme ``pos`` (its ``score_mod(ctx, layer)``) through FlexAttention when ``kind``
@@ -340,14 +335,11 @@ def bias_flex(q, k, v, pos, ctx, layer: int, kind: BiasKernel, dropout_p: float)
     if torch.is_grad_enabled() and q.requires_grad and not flex_available(q.device):
         raise ValueError(f"model.bias_kernel=flex: FlexAttention has no backward on {q.device.type} in torch "
                          f"{torch.__version__}; train there with bias_kernel=auto or mask")
-    if torch.compiler.is_compiling():
-        block_mask = None
-    elif all(a is b for a, b in zip((ctx, ctx.q_pos, ctx.k_pos), _last_block_mask, strict=False)):
-        block_mask = _last_block_mask[3]
-    else:
-        block_mask = causal_block_mask(ctx.q_pos, ctx.k_pos)
-        _last_block_mask[:] = ctx, ctx.q_pos, ctx.k_pos, block_mask
-    return flex_bias_attention(q, k, v, score_mod, ctx.q_pos, ctx.k_pos, block_mask)
+    # the layers of one forward share its context, and so the BlockMask made for it; under torch.compile the mask
+    # is traced into the graph instead
+    if ctx.flex_mask is None and not torch.compiler.is_compiling():
+        ctx.flex_mask = causal_block_mask(ctx.q_pos, ctx.k_pos)
+    return flex_bias_attention(q, k, v, score_mod, ctx.q_pos, ctx.k_pos, ctx.flex_mask)
 
 
 def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:

@@ -384,11 +384,8 @@ class TransformerLM(nn.Module):
         dev = idx.device
         cached = cache is not None and len(cache) > 0
         drawn = positions is None and self.pos.randomized
-        if drawn and cache is not None and not cached:  # plan the whole capacity, so decoding can go on
-            cache.planned = self.pos.draw_positions(max(T, cache.capacity), dev)
-            positions = cache.planned[:T]
-        elif drawn:
-            positions = self._drawn_positions(T, cache if cached else None, offset, dev)
+        if drawn:
+            positions = self._drawn_positions(T, cache, offset, dev)
         if positions is None:
             start = (cache.n_pos if cache is not None else 0) if offset is None else offset
             q_pos = torch.arange(start, start + T, device=dev)
@@ -436,13 +433,16 @@ class TransformerLM(nn.Module):
         return logits, loss
 
     def _drawn_positions(self, T: int, cache: KVCache | None, offset: int | None, dev) -> torch.Tensor:
-        """Randomized positions for T tokens: a fresh draw for a sequence from its start, or the next T of the
-        draw a cache planned when it was filled (so cached decoding meets the full forward of the same length)."""
-        if cache is None:
+        """Randomized positions for T tokens: a fresh draw for a sequence from its start; with an empty cache, a
+        draw for the cache's whole capacity, kept in it (``planned``), of which these are the first T; after a
+        cache, the next T of its plan (so cached decoding meets the full forward of the same length)."""
+        if cache is None or len(cache) == 0:
             if offset:
                 raise ValueError(f"offset={offset} with randomized positions (pos.randomized_max): a window is drawn "
                                  "its own positions; score it from its start or pass positions")
-            return self.pos.draw_positions(T, dev)
+            if cache is None:
+                return self.pos.draw_positions(T, dev)
+            cache.planned = self.pos.draw_positions(max(T, cache.capacity), dev)
         n, planned = len(cache), 0 if cache.planned is None else cache.planned.numel()
         if n + T > planned:
             raise ValueError(f"randomized positions: the cache planned {planned} positions and {n + T} are asked; "

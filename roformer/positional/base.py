@@ -136,7 +136,6 @@ class PosConfig:
                              f"{self.scaling.value}: drop them or use scaling llama3")
         if self.scaling_factor < 1.0:
             raise ValueError(f"pos.scaling_factor={self.scaling_factor} must be >= 1 (1 means no scaling)")
-        self.scaling = RopeScaling(self.scaling)
         self.layout = RopeLayout(self.layout)
         if self.scaling != RopeScaling.none and self.original_len < 1:
             raise ValueError(f"pos.scaling={self.scaling.value} needs pos.original_len (the training length)")
@@ -209,6 +208,8 @@ class PosContext:
     # blockwise causal attention (xPos's BCA): a query sees the keys of its own block of this many positions and of
     # the previous block only; 0: every earlier key
     block: int = 0
+    # FlexAttention's causal BlockMask for these positions (kernels.bias_flex), made by the first layer that needs it
+    flex_mask: object = None
 
 
 class PositionOutOfRange(ValueError):
