@@ -92,42 +92,17 @@ def eval_starts(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model, tokens: np.ndarray, starts: np.ndarray, rt: Runtime, batch_size: int, seq_len: int) -> float:
-    """Mean next-token loss over the windows at ``starts`` (this rank takes every world_size-th window; the
-    sums are all-reduced)."""
-    was_training = model.training
-    model.eval()
-    mine = starts[rt.rank :: rt.world_size]
-    nll = torch.zeros((), dtype=torch.float64, device=rt.device)
-    count = torch.zeros((), dtype=torch.float64, device=rt.device)
-    ar = np.arange(seq_len + 1)
-    for i in range(0, len(mine), batch_size):
-        w = torch.from_numpy(np.asarray(tokens[mine[i : i + batch_size, None] + ar], dtype=np.int64)).to(rt.device)
-        with rt.autocast():
-            _, loss = model(w[:, :-1], w[:, 1:], reduction="sum")
-        nll += loss.double()
-        count += w[:, 1:].numel()
-    if rt.distributed:
-        dist.all_reduce(nll)
-        dist.all_reduce(count)
-    model.train(was_training)
-    return float(nll / count)
-
-
-@torch.no_grad()
-def evaluate_examples(model, split: TokenSplit, rt: Runtime, batch_size: int) -> float:
-    """Task examples (data=task): the mean loss on the answers of every example of ``split``, prompts masked as in
-    training (this rank takes every world_size-th batch; the sums are all-reduced)."""
+def mean_loss(model, batches, rt: Runtime) -> float:
+    """Mean next-token loss over this rank's ``batches`` of (x, y) token ids, targets equal to IGNORE_INDEX not
+    counted; the sums are all-reduced over ranks. The model is in eval mode meanwhile."""
     was_training = model.training
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=rt.device)
     count = torch.zeros((), dtype=torch.float64, device=rt.device)
-    idx = np.arange(split.n_docs)
-    width = int(np.diff(split.doc_offsets).max()) - 1  # one shape for every batch (a compiled model keeps its graph)
-    for i in range(rt.rank * batch_size, split.n_docs, batch_size * rt.world_size):
-        x, y = (t.to(rt.device) for t in example_batch(split, idx[i : i + batch_size], width))
+    for x, y in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
         with rt.autocast():
-            _, loss = model(x, y, reduction="sum")  # the ignored targets (prompt, padding) add nothing
+            _, loss = model(x, y, reduction="sum")  # ignored targets (a task's prompt, padding) add nothing
         nll += loss.double()
         count += (y != IGNORE_INDEX).sum()
     if rt.distributed:
@@ -135,6 +110,23 @@ def evaluate_examples(model, split: TokenSplit, rt: Runtime, batch_size: int) ->
         dist.all_reduce(count)
     model.train(was_training)
     return float(nll / count)
+
+
+def evaluate(model, tokens: np.ndarray, starts: np.ndarray, rt: Runtime, batch_size: int, seq_len: int) -> float:
+    """Mean next-token loss over the windows at ``starts`` (this rank takes every world_size-th window)."""
+    mine, ar = starts[rt.rank :: rt.world_size], np.arange(seq_len + 1)
+    windows = (torch.from_numpy(np.asarray(tokens[mine[i : i + batch_size, None] + ar], dtype=np.int64))
+               for i in range(0, len(mine), batch_size))
+    return mean_loss(model, ((w[:, :-1], w[:, 1:]) for w in windows), rt)
+
+
+def evaluate_examples(model, split: TokenSplit, rt: Runtime, batch_size: int) -> float:
+    """Task examples (data=task): the mean loss on the answers of every example of ``split``, prompts masked as in
+    training (this rank takes every world_size-th batch)."""
+    idx = np.arange(split.n_docs)
+    width = int(np.diff(split.doc_offsets).max()) - 1  # one shape for every batch (a compiled model keeps its graph)
+    return mean_loss(model, (example_batch(split, idx[i : i + batch_size], width)
+                             for i in range(rt.rank * batch_size, split.n_docs, batch_size * rt.world_size)), rt)
 
 
 # ----------------------------------------------------------------------------------------------------------
