@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from roformer.config import Task, launch, to_eval_config
 from roformer.eval_run import run_evaluation
-from roformer.reporting import terminal_summary
+from roformer.reporting import scored_line, terminal_summary
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -36,9 +36,8 @@ def main(cfg: DictConfig) -> None:
     # one line, exit 1; a folder made for a failed call is removed
     with Task(failures=(ValueError, OSError)) as task:
         results = run_evaluation(task.config(cfg, to_eval_config), out_dir)
-    ok = sum(r["status"] == "ok" for r in results["results"])
     print(terminal_summary(results))
-    print(f"{ok} of {len(results['results'])} cells scored; every protocol and metric: {out_dir / 'results.md'}")
+    print(f"{scored_line(results)}; every protocol and metric: {out_dir / 'results.md'}")
 
 
 if __name__ == "__main__":

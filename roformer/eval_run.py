@@ -3,7 +3,9 @@
 The grid is checkpoint x RoPE scaling method (RoPE checkpoints only) x protocol x length; each cell is scored by
 the pure functions of :mod:`roformer.evaluation`. After a checkpoint's cells come the retrieval probes asked for
 (``eval.probes``: passkey, copy; :mod:`roformer.probes`), at the same lengths and RoPE scaling methods. The files
-are written by :mod:`roformer.reporting` and the dashboard runs by :mod:`roformer.logger`.
+are written by :mod:`roformer.reporting` and the dashboard runs by :mod:`roformer.logger`. Every row carries its
+checkpoint's identity as fields (:func:`identity`: scheme, scaling, fine-tuned from, seed, ...) and what kind of row
+it is; its display name (``variant``) is made once from those fields, and reports group by the fields.
 
 A checkpoint's own corpus is read from the token cache built when it was trained (same tokenizer, so the same
 tokens); another corpus, or a training cache that is gone, is tokenized once with the checkpoint's tokenizer into
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,43 +266,108 @@ def describe_probes(plans: list[Plan], s: EvalSettings) -> str:
     return f"then the probes (eval.probe_seed={s.probe_seed}): {'; '.join(parts)}"
 
 
+def describe_tasks(plans: list[Plan], s: EvalSettings) -> str:
+    """One line: the task checkpoints to score, and how."""
+    tasks = ", ".join(dict.fromkeys(pl.ckpt["data_cfg"]["task"] for pl in plans))
+    n = len(plans)
+    return (f"scoring {n} task checkpoint{'s' if n > 1 else ''} ({tasks}): exact match of greedy decoding on "
+            f"{s.task_examples} examples per length bin (eval.task_examples)")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a checkpoint's model is, as fields read from its config: what result rows carry and reports group by.
+    The display name (:meth:`name`) is made from these once and never parsed back."""
+
+    scheme: str  # pos.name
+    attention: str = "softmax"  # model.attention: softmax | linear
+    table_multiple: float | None = None  # a learned table's size / the training length; None: not a table
+    scale_embeddings: bool = False  # pos.scale_embeddings (fairseq's sinusoidal)
+    randomized: bool = False  # randomized positions (pos.randomized_max, where the scheme reads it)
+    rope_base: float | None = None  # RoPE's pos.base where it is not the default; None: the default
+    train_scaling: str = "none"  # pos.scaling as trained (a scaling fine-tuned with, mostly)
+    init_from: str | None = None  # trainer.init_from: the checkpoint this one was fine-tuned from
+    seed: int | None = None
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.init_from is not None
+
+    @property
+    def ft_method(self) -> str | None:
+        """How a fine-tuned checkpoint's context was extended: its RoPE scaling (pi, yarn, ...), abf (a larger base,
+        no scaling) or none (plain); None when it was not fine-tuned."""
+        if not self.fine_tuned:
+            return None
+        return self.train_scaling if self.train_scaling != "none" else "abf" if self.rope_base is not None else "none"
+
+    def name(self, family: bool = False) -> str:
+        """The display name: the scheme, then what sets it apart from the scheme's plain form (see variant_name).
+        ``family``: the name of the family it is shown beside, without the tags of the scheme's own name
+        (``-fairseq``, ``-32L``, and ``-ft`` when nothing follows the scheme)."""
+        head = self.scheme
+        if self.scale_embeddings and not family:
+            head += "-fairseq"
+        if self.table_multiple is not None and self.table_multiple != 1 and not family:
+            head += f"-{self.table_multiple:g}L"
+        parts = ["rand"] if self.randomized else []
+        if self.rope_base is not None:  # ABF: a larger base, set at init_from
+            parts.append("abf" if self.fine_tuned else f"base{self.rope_base:g}")
+        if self.attention == "linear":
+            parts.append("linear")
+        if self.train_scaling != "none":
+            parts.append(self.train_scaling)
+        if self.fine_tuned and parts:
+            parts[-1] += "-ft"
+        elif self.fine_tuned and not family:
+            head += "-ft"
+        return "+".join([head, *parts])
+
+    def fields(self) -> dict:
+        """A checkpoint record's fields: ``variant`` (display), ``family`` and every field of the identity."""
+        return {"variant": self.name(), "family": self.name(family=True), **asdict(self),
+                "fine_tuned": self.fine_tuned, "ft_method": self.ft_method}
+
+    def row(self, scaling: RopeScaling = RopeScaling.none, bca: bool = False) -> dict:
+        """A result row's fields, scored with the zero-shot ``scaling`` (and BCA): :meth:`fields` with the scaling
+        in ``variant`` and ``family``, ``base_variant`` (the variant without the scaling), ``rope_scaling``, ``bca``."""
+        bca_tag = "+bca" if bca else ""
+        tail = ("" if scaling == RopeScaling.none else f"+{scaling.value}") + bca_tag
+        out = self.fields()
+        return {**out, "variant": out["variant"] + tail, "family": out["family"] + tail,
+                "base_variant": out["variant"] + bca_tag, "rope_scaling": scaling.value, "bca": bca}
+
+
+def identity(ck: dict, train_len: int) -> Identity:
+    """A checkpoint's :class:`Identity` from its config (``train_len``: its training length)."""
+    pos_cfg = configs_from_checkpoint(ck)[1]
+    scheme = SCHEMES[pos_cfg.name]
+    table = scheme.max_positions(replace(pos_cfg, randomized_max=0))  # a learned table's size, not a draw's range
+    changed_base = scheme.supports_scaling and pos_cfg.base != DEFAULTS["base"]
+    return Identity(
+        scheme=pos_cfg.name, attention=ck["model_cfg"].get("attention", "softmax"),
+        table_multiple=None if table is None else table / train_len, scale_embeddings=bool(pos_cfg.scale_embeddings),
+        randomized=bool(pos_cfg.randomized_max and "randomized_max" in scheme.options),
+        rope_base=float(pos_cfg.base) if changed_base else None, train_scaling=pos_cfg.scaling.value,
+        init_from=str(ck["train_cfg"]["trainer"].get("init_from") or "") or None, seed=ck["train_cfg"].get("seed"))
+
+
 def variant_name(ck: dict, train_len: int) -> str:
     """What a study calls a checkpoint's model, from its config: the scheme, then what sets it apart from the
     scheme's plain form. ``rope+linear`` (linear attention), ``sinusoidal-fairseq`` (pos.scale_embeddings),
     ``learned-32L`` (a table of 32 x the training length), ``rope+rand`` (randomized positions), ``rope+pi-ft``
     (fine-tuned from another checkpoint with PI scaling), ``rope+abf-ft`` (fine-tuned with a larger base, ABF),
-    ``rope-ft`` (fine-tuned without either). Evaluation appends a zero-shot scaling: ``rope+yarn``."""
-    pos_cfg = configs_from_checkpoint(ck)[1]
-    name, scheme = pos_cfg.name, SCHEMES[pos_cfg.name]
-    if pos_cfg.scale_embeddings:
-        name += "-fairseq"
-    table = scheme.max_positions(replace(pos_cfg, randomized_max=0))  # a learned table's size, not a draw's range
-    if table is not None and table != train_len:
-        name += f"-{table / train_len:g}L"
-    if pos_cfg.randomized_max and "randomized_max" in scheme.options:
-        name += "+rand"
-    fine_tuned = bool(ck["train_cfg"]["trainer"].get("init_from"))
-    if scheme.supports_scaling and pos_cfg.base != DEFAULTS["base"]:  # ABF: a larger base, set at init_from
-        name += "+abf" if fine_tuned else f"+base{pos_cfg.base:g}"
-    if ck["model_cfg"].get("attention", "softmax") == "linear":
-        name += "+linear"
-    if pos_cfg.scaling != RopeScaling.none:
-        name += f"+{pos_cfg.scaling.value}"
-    if fine_tuned:
-        name += "-ft"
-    return name
+    ``rope-ft`` (fine-tuned without either). Evaluation appends a zero-shot scaling: ``rope+yarn``. A display name
+    only: reports group by the fields of :func:`identity`."""
+    return identity(ck, train_len).name()
 
 
 def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_docs: int) -> dict:
     ck = pl.ckpt
-    attention = ck["model_cfg"].get("attention", "softmax")
     return {
         "label": pl.label,
         "path": str(pl.path),
-        "scheme": ck["pos_cfg"]["name"],
-        "attention": attention,
-        "variant": variant_name(ck, pl.train_len),
-        "seed": ck["train_cfg"].get("seed"),
+        **identity(ck, pl.train_len).fields(),
         "train_len": pl.train_len,
         "step": ck.get("step"),
         "tokens_seen": ck.get("tokens_seen"),
@@ -312,56 +379,86 @@ def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_doc
     }
 
 
-def _score_checkpoint(pl: Plan, record: dict, sh: Share, s: EvalSettings, device, on_cell, results: dict,
-                      on_probe=None) -> None:
+def _score_checkpoint(pl: Plan, sh: Share, s: EvalSettings, device, on_cell, results: dict, on_probe=None) -> None:
     """Every cell of one checkpoint into ``results`` (rows and per-position curves), then its probes' rows."""
     model = model_from_checkpoint(pl.ckpt).to(device)
     counter = TextCounter.from_tokenizer(sh.data.tokenizer)
     bca = s.bca and "bca_len" in model.pos.options and model.pos.cfg.bca_len == 0
     if bca:  # the model is this function's own: setting its scheme's option changes nothing else
         model.pos.cfg.bca_len = pl.train_len + pl.train_len % 2
-    variants = {sc: record["variant"] + ("" if sc == RopeScaling.none else f"+{sc.value}") + ("+bca" if bca else "")
-                for sc in pl.scalings}
-    ids = {"label": pl.label, "scheme": record["scheme"]}
+    ident = identity(pl.ckpt, pl.train_len)
+    fields = {sc: {"label": pl.label, **ident.row(sc, bca), "train_len": pl.train_len} for sc in pl.scalings}
     with torch.inference_mode():
-        for scaling, variant in variants.items():
+        for scaling, ids in fields.items():
             cells, per_pos = evaluate_model(model, stream=np.asarray(sh.split.tokens), docs=sh.docs,
                                             lengths=pl.lengths, settings=s, scaling=scaling, train_len=pl.train_len,
                                             counter=counter, device=device, on_cell=on_cell)
-            for c in cells:
-                results["results"].append({**ids, "variant": variant, "rope_scaling": scaling.value,
-                                           "seed": record["seed"], "train_len": pl.train_len, **c.as_dict()})
+            results["results"] += [{**ids, "kind": "perplexity", **c.as_dict()} for c in cells]
             if per_pos:
                 L = max(per_pos)
-                results["per_position"].append({"label": pl.label, "variant": variant, "rope_scaling": scaling.value,
-                                                "length": L, "mean_loss": per_pos[L]})
-    for scaling, variant in variants.items() if s.probes else ():
+                results["per_position"].append({"label": pl.label, "variant": ids["variant"],
+                                                "rope_scaling": scaling.value, "length": L, "mean_loss": per_pos[L]})
+    for scaling, ids in fields.items() if s.probes else ():
         cells = run_probes(model, tok=sh.data.tokenizer, eod_id=sh.data.eod_id, stream=np.asarray(sh.split.tokens),
                            lengths=pl.lengths, train_len=pl.train_len, settings=s, scaling=scaling, device=device,
                            on_cell=on_probe)
-        results["probes"] += [{**ids, "variant": variant, "rope_scaling": scaling.value, "seed": record["seed"],
-                               "train_len": pl.train_len, **c.as_dict()} for c in cells]
+        results["probes"] += [{**ids, "kind": "probe", **c.as_dict()} for c in cells]
 
 
 def _score_task_checkpoint(pl: Plan, s: EvalSettings, device, results: dict) -> None:
     """A checkpoint trained on an algorithmic task (data=task): greedy exact match per length bin, in the task's own
     unit, on examples regenerated from its data config (no perplexity: a window of prompts and answers means
-    nothing). Scored as trained, without RoPE scalings."""
+    nothing). Scored as trained, without RoPE scalings; a row's ``length`` is its bin's upper bound."""
     dc = DataConfig(**pl.ckpt["data_cfg"])
     model = model_from_checkpoint(pl.ckpt).to(device)
-    ident = {"label": pl.label, "variant": variant_name(pl.ckpt, pl.train_len), "scheme": pl.ckpt["pos_cfg"]["name"],
-             "seed": pl.ckpt["train_cfg"].get("seed"), "task": dc.task, "train_len": dc.task_max_len}
-    results["checkpoints"].append({**ident, "path": str(pl.path), "step": pl.ckpt.get("step"), "data": to_plain(dc),
-                                   "config": {"model": pl.ckpt["model_cfg"], "pos": pl.ckpt["pos_cfg"],
-                                              "train": pl.ckpt["train_cfg"]}})
+    ident = identity(pl.ckpt, pl.train_len)
+    ck = pl.ckpt
+    results["checkpoints"].append({
+        "label": pl.label, "path": str(pl.path), **ident.fields(), "task": dc.task, "train_len": dc.task_max_len,
+        "step": ck.get("step"), "tokens_seen": ck.get("tokens_seen"),
+        "group": (ck["train_cfg"].get("logger") or {}).get("group"),
+        "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]}, "data": to_plain(dc),
+    })  # fmt: skip
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
-        rows = score_task(model, toklib.from_json(pl.ckpt["tokenizer_json"]), dc.task, checkpoint_bins(dc),
+        rows = score_task(model, toklib.from_json(ck["tokenizer_json"]), dc.task, checkpoint_bins(dc),
                           n_per_bin=s.task_examples, seed=dc.task_seed, device=device)
     for r in rows:
-        results["tasks"].append({**ident, "metric": "exact_match", "bin_lo": r["bin"][0], "bin_hi": r["bin"][1],
-                                 "value": r["accuracy"], "n": r["n"], "n_correct": r["n_correct"],
-                                 "max_tokens": r["max_tokens"]})
+        results["tasks"].append({"label": pl.label, **ident.row(), "task": dc.task, "train_len": dc.task_max_len,
+                                 "kind": "task", "metric": "exact_match", "bin_lo": r["bin"][0],
+                                 "bin_hi": r["bin"][1], "length": r["bin"][1], "value": r["accuracy"], "n": r["n"],
+                                 "n_correct": r["n_correct"], "max_tokens": r["max_tokens"]})
     log.info("task checkpoint %s, exact match of greedy decoding per length bin:\n%s", pl.label, format_rows(rows))
+
+
+def _score_plans(plans: list[Plan], shares: list[Share], s: EvalSettings, device, results: dict) -> None:
+    """The perplexity cells and probes of every (corpus) checkpoint, under one progress bar."""
+    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
+    total = sum((sum(sh.costs.values()) + sh.probe_cost) * len(pl.scalings)
+                for pl, sh in zip(plans, shares, strict=True))
+    # one bar over every cell, in input tokens read, so that its rate and ETA hold across cells of unequal cost:
+    # a sliding cell reads about twice what a nonoverlapping one does, a fixed_target cell grows with its length
+    bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not s.progress,
+               dynamic_ncols=True)
+    t_start, done = time.perf_counter(), 0
+    for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
+        record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)
+        results["checkpoints"].append(record)
+
+        def on_cell(cell, pl=pl, sh=sh):
+            nonlocal done
+            done += 1
+            bar.set_postfix_str(f"{pl.label}, cell {done}/{n_cells}", refresh=False)
+            bar.update(sh.costs[(cell.protocol, cell.length)])
+
+        def on_probe(tokens, pl=pl):
+            bar.set_postfix_str(f"{pl.label}, probes", refresh=False)
+            bar.update(tokens)
+
+        _score_checkpoint(pl, sh, s, device, on_cell, results, on_probe)
+        if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
+            log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(plans), pl.label,
+                     len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip
+    bar.close()
 
 
 def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
@@ -381,39 +478,16 @@ def run_evaluation(cfg: EvalConfig, out_dir: Path) -> dict:
         if key not in loaded:
             loaded[key] = load_split(data_cfg, pl.ckpt["tokenizer_json"], s.split, s.progress)
         shares.append(share_of(pl, data_cfg, *loaded[key], s))
-    for line in describe(plans, shares, s).splitlines():
-        log.info(line)
-    n_cells = sum(pl.n_cells for pl in plans) * len(s.protocols)
-    total = sum((sum(sh.costs.values()) + sh.probe_cost) * len(pl.scalings)
-                for pl, sh in zip(plans, shares, strict=True))
-    # one bar over every cell, in input tokens read, so that its rate and ETA hold across cells of unequal cost:
-    # a sliding cell reads about twice what a nonoverlapping one does, a fixed_target cell grows with its length
-    bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not s.progress,
-               dynamic_ncols=True)
     results = {"format": {"name": "roformer-eval", "version": 1}, "settings": to_plain(s), "checkpoints": [],
                "results": [], "per_position": [], "probes": [], "tasks": []}
+    if task_plans:
+        log.info(describe_tasks(task_plans, s))
     for pl in task_plans:
         _score_task_checkpoint(pl, s, device, results)
-    t_start, done = time.perf_counter(), 0
-    for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
-        record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)
-        results["checkpoints"].append(record)
-
-        def on_cell(cell, pl=pl, sh=sh):
-            nonlocal done
-            done += 1
-            bar.set_postfix_str(f"{pl.label}, cell {done}/{n_cells}", refresh=False)
-            bar.update(sh.costs[(cell.protocol, cell.length)])
-
-        def on_probe(tokens, pl=pl):
-            bar.set_postfix_str(f"{pl.label}, probes", refresh=False)
-            bar.update(tokens)
-
-        _score_checkpoint(pl, record, sh, s, device, on_cell, results, on_probe)
-        if not s.progress:  # a line per checkpoint, so that a long evaluation shows it is moving
-            log.info("checkpoint %d/%d (%s) scored: %d of %d cells, %.0f s", i + 1, len(plans), pl.label,
-                     len(results["results"]), n_cells, time.perf_counter() - t_start)  # fmt: skip
-    bar.close()
+    if plans:  # task checkpoints alone: no perplexity grid to describe, no bar
+        for line in describe(plans, shares, s).splitlines():
+            log.info(line)
+        _score_plans(plans, shares, s, device, results)
     add_ratios(results["results"])
     write_outputs(results, out_dir)
     log_evaluation(results, cfg.logger, out_dir, CSV_FIELDS)

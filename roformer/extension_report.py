@@ -11,7 +11,8 @@ evaluates everything at lengths L to 32 L. Its variants, as :func:`roformer.eval
 
 Its tables hold perplexity per token, not ratios to L: a fine-tuned model is another model than its base, so each
 one's ratio to its own perplexity at its own training length would not compare. Mean ± std over seeds, the lowest
-mean at each length in bold.
+mean at each length in bold. A row's kind and method come from its fields (``fine_tuned``, ``rope_scaling``,
+``train_scaling``), not from its name (files written before the fields: :func:`roformer.reporting.row_fine_tuned`).
 """
 
 from __future__ import annotations
@@ -27,40 +28,47 @@ from roformer.reporting import (
     aggregate,
     new_figure,
     plain_log_axes,
+    row_fine_tuned,
     save_fig,
     series_over_seeds,
 )
 
-SCALINGS = tuple(k.value for k in RopeScaling if k != RopeScaling.none)  # the RoPE scaling methods, as variant suffixes
+SCALINGS = tuple(k.value for k in RopeScaling if k != RopeScaling.none)  # the RoPE scaling methods
 EXTENSION_PLOT = "extension_ppl.png"
 KINDS = ("zero-shot", "fine-tuned", "fine-tuned + zero-shot")
 KIND_STYLES = {"zero-shot": "--", "fine-tuned": "-", "fine-tuned + zero-shot": "-."}
-FT = "-ft"  # the mark of a fine-tuned checkpoint's variant (eval_run.variant_name)
 
 
 def is_extension(results: dict) -> bool:
-    """Whether a study's results hold fine-tuned variants (``...-ft``): the extension study."""
-    return any(FT in r["variant"] for r in results["results"])
+    """Whether a study's results hold fine-tuned checkpoints (trainer.init_from): the extension study."""
+    return any(row_fine_tuned(r) for r in results["results"])
 
 
 def kind(row: dict) -> str:
     """zero-shot (a base checkpoint), fine-tuned, or fine-tuned + zero-shot (a method applied to rope-ft)."""
-    if FT not in row["variant"]:
+    if not row_fine_tuned(row):
         return KINDS[0]
     return KINDS[1] if row["rope_scaling"] == "none" else KINDS[2]
 
 
-def method(variant: str) -> str:
-    """The RoPE scaling method a variant uses, at fine-tuning or at evaluation: ``rope+pi-ft`` -> pi."""
-    last = variant.rsplit("+", 1)[-1].removesuffix(FT)
+def method(row: dict) -> str:
+    """The RoPE scaling method a row's model uses, at evaluation (``rope-ft+pi``, ``rope+pi``) or as trained
+    (``rope+pi-ft``): pi; none without one (``rope+abf-ft`` too: a larger base is no scaling method)."""
+    if row["rope_scaling"] != "none":
+        return row["rope_scaling"]
+    if "train_scaling" in row:
+        return row["train_scaling"]
+    last = row["variant"].rsplit("+", 1)[-1].removesuffix("-ft")  # a file written before rows had the field
     return last if last in SCALINGS else "none"
 
 
-def _variants(rows: list[dict]) -> list[str]:
-    """Variants by kind, then by method in METHOD_COLORS' order (none, pi, ntk, dynamic_ntk, yarn)."""
-    kinds = {r["variant"]: kind(r) for r in rows}
+def _variants(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """variant -> (kind, method), by kind, then by method in METHOD_COLORS' order (none, pi, ntk, dynamic_ntk,
+    yarn)."""
+    info = {r["variant"]: (kind(r), method(r)) for r in rows}  # the rows of a variant share their fields
     order = list(METHOD_COLORS)
-    return sorted(kinds, key=lambda v: (KINDS.index(kinds[v]), order.index(method(v)) if method(v) in order else 99))
+    rank = {v: (KINDS.index(k), order.index(m) if m in order else 99) for v, (k, m) in info.items()}
+    return {v: info[v] for v in sorted(info, key=rank.get)}  # stable: in the order of the rows otherwise
 
 
 def _lengths(results: dict) -> tuple[int, int, list[int]]:
@@ -86,8 +94,8 @@ def _cell(a: dict | None, best: float | None) -> str:
 def ppl_table(rows: list[dict], protocol: str, lengths: list[int], base_len: int) -> list[str]:
     """One protocol's perplexities (per token): a row per variant, a column per length, the best mean in bold."""
     agg = aggregate([r for r in rows if r["protocol"] == protocol])
-    variants = [v for v in _variants(rows) if any((v, protocol, n) in agg for n in lengths)]
-    kinds = {r["variant"]: kind(r) for r in rows}
+    info = _variants(rows)
+    variants = [v for v in info if any((v, protocol, n) in agg for n in lengths)]
     best = {}
     for n in lengths:
         means = [a["mean"] for v in variants if (a := agg.get((v, protocol, n))) and a["status"] == "ok"]
@@ -96,7 +104,7 @@ def ppl_table(rows: list[dict], protocol: str, lengths: list[int], base_len: int
            "|---|---|" + "---|" * len(lengths)]  # fmt: skip
     for v in variants:
         cells = [_cell(agg.get((v, protocol, n)), best[n]) for n in lengths]
-        out.append(f"| {v} | {kinds[v]} | " + " | ".join(cells) + " |")
+        out.append(f"| {v} | {info[v][0]} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -104,11 +112,10 @@ def winners(rows: list[dict], protocol: str, lengths: list[int], zero_shot_only:
     """(variant, its geometric-mean perplexity over ``lengths``): the lowest among the variants scored at every
     one of them (only the zero-shot ones if asked); ("", nan) if none is."""
     agg = aggregate([r for r in rows if r["protocol"] == protocol])
-    kinds = {r["variant"]: kind(r) for r in rows}
     scores = {}
-    for v in _variants(rows):
+    for v, (k, _) in _variants(rows).items():
         cells = [agg.get((v, protocol, n)) for n in lengths]
-        if (not zero_shot_only or kinds[v] == KINDS[0]) and lengths and all(a and a["status"] == "ok" for a in cells):
+        if (not zero_shot_only or k == KINDS[0]) and lengths and all(a and a["status"] == "ok" for a in cells):
             scores[v] = math.exp(float(np.mean([math.log(a["mean"]) for a in cells])))
     best = min(scores, key=scores.get, default="")
     return best, scores.get(best, math.nan)
@@ -172,7 +179,7 @@ def extension_figure(results: dict):
     base_len, ft_len, lengths = _lengths(results)
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     series = series_over_seeds(rows, "ppl")
-    kinds = {r["variant"]: kind(r) for r in rows}
+    info = _variants(rows)
     title = (f"RoPE extension: perplexity per token by length (mean ± std over seeds)\n"
              f"dashed: zero-shot; solid: fine-tuned at {ft_len}; dash-dot: fine-tuned + zero-shot; "
              f"vertical line: {ft_len / base_len:g} L")  # fmt: skip
@@ -180,12 +187,12 @@ def extension_figure(results: dict):
     for ax, protocol in zip(axes[0], protocols, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        for v in _variants(rows):
+        for v, (k, m) in info.items():
             s = series.get((v, protocol))
             if s is None or not len(s["lengths"]):
                 continue
-            color = METHOD_COLORS.get(method(v), "tab:purple")
-            ax.plot(s["lengths"], s["mean"], KIND_STYLES[kinds[v]], marker=METHOD_MARKERS.get(method(v), "o"),
+            color = METHOD_COLORS.get(m, "tab:purple")
+            ax.plot(s["lengths"], s["mean"], KIND_STYLES[k], marker=METHOD_MARKERS.get(m, "o"),
                     ms=3.5, lw=1.4, color=color, label=v)  # fmt: skip
             if s["seeds"] > 1:
                 ax.fill_between(s["lengths"], np.maximum(s["mean"] - s["std"], s["mean"] / 2), s["mean"] + s["std"],

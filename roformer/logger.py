@@ -16,7 +16,8 @@ runs are tagged with their scheme and preset. Training and evaluation runs keep 
 ``trainer`` at the same config paths, so one workspace groups both by ``pos.name``; an evaluation run logs one
 history row per evaluation length (``eval/length`` is its x-axis), so a line plot overlays the schemes. The
 retrieval probes (eval.probes) join those rows (``eval/passkey/key_top1``, a mean over depths), or, placed by a
-distance, get rows of their own on the ``eval/distance`` axis (``eval/copy/top1``).
+distance, get rows of their own on the ``eval/distance`` axis (``eval/copy/top1``); a task checkpoint's exact match
+gets a row per length bin on the ``eval/task_length`` axis (``eval/task/copy/exact_match``), in the task's unit.
 """
 
 from __future__ import annotations
@@ -292,10 +293,14 @@ def make_logger(cfg: LoggerConfig, run_dir: Path, config: dict, *, run_id: str |
 
 # the result table's columns on the dashboard: the CSV's, less what is the same for every row of one checkpoint or
 # only for accounting
-EVAL_TABLE_SKIP = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note"}
+EVAL_TABLE_SKIP = {"label", "scheme", "seed", "train_len", "nll_sum", "bytes", "words", "note", "fine_tuned",
+                   "init_from"}
 # an evaluation run's x-axis, and the metrics of each (protocol, RoPE scaling) logged against it
 EVAL_STEP = "eval/length"
 EVAL_DISTANCE = "eval/distance"  # the copy probe's x-axis: tokens between the span and its repeat
+# the algorithmic tasks' x-axis: a length bin's upper bound in the task's own unit (words, digits, pairs), not
+# tokens, so an axis of its own
+EVAL_TASK_STEP = "eval/task_length"
 EVAL_METRICS = ("ppl", "ratio", "bits_per_byte", "word_ppl")
 
 
@@ -349,15 +354,21 @@ def distance_history(probes: list[dict]) -> list[dict]:
     return list(by_distance.values())
 
 
+# what an evaluation run's config says of its checkpoint: where it is and its identity fields (eval_run.Identity),
+# so a workspace groups evaluation runs by checkpoint.family, checkpoint.fine_tuned, ...
+CHECKPOINT_KEYS = ("path", "label", "variant", "family", "attention", "step", "tokens_seen", "fine_tuned", "init_from",
+                   "ft_method", "task")
+
+
 def eval_run_config(ck: dict, settings: dict) -> dict:
     """An evaluation run's config: its checkpoint's training config at the training runs' paths (``pos``,
     ``seed``, ``model``, ``trainer``, ``data``, ``optim``), what was scored under ``eval`` and the checkpoint
-    under ``checkpoint``."""
+    under ``checkpoint`` (its record's CHECKPOINT_KEYS that it has)."""
     train = {k: v for k, v in ck["config"]["train"].items() if k != "logger"}  # the training run's dashboard
+    split = {k: ck[k] for k in ("split_tokens", "split_docs") if k in ck}  # a task checkpoint has no split
     return {**train, "model": ck["config"]["model"], "pos": ck["config"]["pos"],
-            "eval": {**settings, "data": ck["data"], "split_tokens": ck["split_tokens"],
-                     "split_docs": ck["split_docs"]},
-            "checkpoint": {k: ck.get(k) for k in ("path", "label", "variant", "attention", "step", "tokens_seen")}}
+            "eval": {**settings, "data": ck["data"], **split},
+            "checkpoint": {k: ck[k] for k in CHECKPOINT_KEYS if k in ck}}
 
 
 # the probe table's columns on the dashboard: the probe rows' fields less those of the checkpoint
@@ -383,8 +394,40 @@ def log_probe_summary(run, wandb, probes: list[dict]) -> None:
         run.summary[k] = v
 
 
+# the task table's columns on the dashboard: the task rows' fields less those of the checkpoint
+TASK_COLUMNS = ["variant", "task", "metric", "bin_lo", "bin_hi", "length", "value", "n", "n_correct", "max_tokens"]
+
+
+def task_history(tasks: list[dict]) -> list[dict]:
+    """One checkpoint's task rows -> one wandb history row per length bin, by its upper bound: ``eval/task_length``,
+    ``eval/task_length_multiple`` (the bound / the training length) and ``eval/task/<task>/<metric>``
+    (``eval/task/copy/exact_match``). Bins that were not scored (past a learned table) leave their keys out."""
+    by_length: dict[int, dict] = {}
+    for r in tasks:
+        if r["value"] is None or not math.isfinite(r["value"]):
+            continue
+        L = r.get("length", r["bin_hi"])
+        row = by_length.setdefault(L, {EVAL_TASK_STEP: L, "eval/task_length_multiple": L / r["train_len"]})
+        row[f"eval/task/{r['task']}/{r['metric']}"] = float(r["value"])
+    return [by_length[L] for L in sorted(by_length)]
+
+
+def task_summary(tasks: list[dict]) -> dict[str, float]:
+    """The tasks' summary keys, as ``eval/ppl@L``: ``eval/copy_exact_match@40`` (the bin 21..40)."""
+    return {f"eval/{r['task']}_{r['metric']}@{r.get('length', r['bin_hi'])}": float(r["value"]) for r in tasks
+            if r["value"] is not None}
+
+
+def log_task_summary(run, wandb, tasks: list[dict]) -> None:
+    """The task rows as a table, and their summary keys (:func:`task_summary`)."""
+    run.log({"eval/tasks": wandb.Table(columns=TASK_COLUMNS, data=[[r.get(c) for c in TASK_COLUMNS] for r in tasks])})
+    for k, v in task_summary(tasks).items():
+        run.summary[k] = v
+
+
 def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: list[str]) -> None:
-    """One ``eval`` run per checkpoint, in its training run's group: a row per length, a table, eval/ppl@L.
+    """One ``eval`` run per checkpoint, in its training run's group: a row per length (per length bin: a task
+    checkpoint), tables, eval/ppl@L.
 
     ``columns`` are the result files' (CSV) columns. A dashboard failure warns and never loses the result files.
     """
@@ -396,6 +439,7 @@ def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: lis
         for ck in results["checkpoints"]:
             rows = [r for r in results["results"] if r["label"] == ck["label"]]
             probes = [r for r in results.get("probes") or [] if r["label"] == ck["label"]]
+            tasks = [r for r in results.get("tasks") or [] if r["label"] == ck["label"]]
             trained = ck["config"]["train"].get("logger") or {}
             tags = list(dict.fromkeys([*cfg.tags, *(trained.get("tags") or []), ck["scheme"]]))
             run = wandb_init(cfg, wandb_mode(cfg.mode), out_dir, group=cfg.group or ck.get("group"), job_type="eval",
@@ -411,24 +455,25 @@ def log_evaluation(results: dict, cfg: LoggerConfig, out_dir: Path, columns: lis
             for probe in dict.fromkeys(r["probe"] for r in probes):  # passkey by length, copy by distance
                 by_distance = any(r.get("distance") is not None for r in probes if r["probe"] == probe)
                 run.define_metric(f"eval/{probe}/*", step_metric=EVAL_DISTANCE if by_distance else EVAL_STEP)
-            for row in eval_history(rows, probes) + distance_history(probes):
+            if tasks:  # by bin, in the task's unit
+                run.define_metric(EVAL_TASK_STEP)
+                run.define_metric("eval/task/*", step_metric=EVAL_TASK_STEP)
+                run.define_metric("eval/task_length_multiple", step_metric=EVAL_TASK_STEP)
+            for row in eval_history(rows, probes) + distance_history(probes) + task_history(tasks):
                 run.log(row)
             if probes:
                 log_probe_summary(run, wandb, probes)
-            cols = [c for c in columns if c not in EVAL_TABLE_SKIP]
-            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
-            ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]
-            line = wandb.Table(
-                columns=["length", "ppl", "series"], data=[[r["length"], r["ppl"], f"{r['variant']}"] for r in ok]
-            )
-            run.log(
-                {
-                    "eval/results": table,
-                    "eval/ppl_vs_length": wandb.plot.line(
-                        line, "length", "ppl", stroke="series", title="perplexity vs evaluation length"
-                    ),
-                }
-            )
+            if tasks:
+                log_task_summary(run, wandb, tasks)
+            if rows:  # a task checkpoint has no perplexity cells
+                cols = [c for c in columns if c not in EVAL_TABLE_SKIP]
+                table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+                ok = [r for r in rows if r["status"] == "ok" and r["protocol"] == "nonoverlapping"]
+                line = wandb.Table(columns=["length", "ppl", "series"],
+                                   data=[[r["length"], r["ppl"], f"{r['variant']}"] for r in ok])
+                run.log({"eval/results": table,
+                         "eval/ppl_vs_length": wandb.plot.line(line, "length", "ppl", stroke="series",
+                                                               title="perplexity vs evaluation length")})
             for r in rows:
                 if r["status"] != "ok":
                     continue

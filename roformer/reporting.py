@@ -4,21 +4,35 @@
 
     {"format": {"name": "roformer-eval", "version": 1},
      "settings": {...eval settings...},
-     "checkpoints": [{"label", "path", "scheme", "attention", "variant", "seed", "train_len", "step",
-                      "tokens_seen", "group", "config": {"model", "pos", "train"}, "data": {...}, "split_tokens",
-                      "split_docs"}],
-     "results": [{"label", "variant", "scheme", "rope_scaling", "seed", "train_len", "protocol", "length",
+     "checkpoints": [{"label", "path", IDENTITY, "train_len", "step", "tokens_seen", "group",
+                      "config": {"model", "pos", "train"}, "data": {...}, "split_tokens", "split_docs"}],
+                      # a task checkpoint: "task" instead of "split_tokens" and "split_docs"
+     "results": [{"label", ROW, "train_len", "kind": "perplexity", "protocol", "length",
                   "status": "ok" | "n/a" | "skipped", "note", "ppl", "nll_sum", "tokens", "bytes", "words",
                   "bits_per_byte", "word_ppl", "ratio",            # ratio: ppl / ppl at the training length
                   "target_tokens"}],                               # fixed_target rows: K, last tokens per doc
      "per_position": [{"label", "variant", "rope_scaling", "length", "mean_loss": [...]}],
-     "probes": [{"label", "variant", "scheme", "rope_scaling", "seed", "train_len", "probe", "metric", "value",
-                 "n", "length", "distance", "depth", "status", "note", "prompt_tokens", "chance"}]}
+     "probes": [{"label", ROW, "train_len", "kind": "probe", "probe", "metric", "value", "n", "length",
+                 "distance", "depth", "status", "note", "prompt_tokens", "chance"}],
+     "tasks": [{"label", ROW, "train_len", "kind": "task", "task", "metric": "exact_match", "bin_lo", "bin_hi",
+                "length", "value", "n", "n_correct", "max_tokens"}]}  # length: the bin's upper bound (the task's unit)
 
-``probes`` (roformer/probes.py, eval.probes) is absent from files written before it; readers take it as empty.
+IDENTITY, what the checkpoint's model is (eval_run.Identity): "variant" (the display name, made from the rest),
+"family" (the variant it is shown beside: learned-32L's is learned), "scheme" (pos.name), "attention",
+"table_multiple" (a learned table's size / train_len, else null), "scale_embeddings", "randomized", "rope_base"
+(null: the default), "train_scaling" (pos.scaling as trained), "init_from" (the checkpoint it was fine-tuned
+from, else null), "fine_tuned", "ft_method" (how a fine-tuned one was extended: a RoPE scaling, abf or none; null
+when not fine-tuned), "seed". ROW: IDENTITY with what evaluation adds to the variant and family (a zero-shot
+scaling, "+bca"), and "base_variant" (the variant without the zero-shot scaling), "rope_scaling" (the zero-shot
+scaling), "bca".
 
-A *variant* is what a reader compares: the scheme, "+linear" for linear attention, "+<method>" for a RoPE
-scaling method. Seeds of one variant are aggregated (mean and standard deviation) in the markdown and plots.
+Reports group by those fields and never parse the display name, except in files written before the fields were
+(no "family", "fine_tuned" or "base_variant" keys): :func:`row_family` and the other ``row_*`` helpers fall back to
+parsing the variant there. ``probes`` and ``tasks`` are absent from files written before them; readers take them
+as empty.
+
+A *variant* is what a reader compares: seeds of one variant are aggregated (mean and standard deviation) in the
+markdown and plots.
 
 Every file is written through :func:`roformer.files.atomic_write`: complete or absent, readable as a plain
 ``open()`` would have made it.
@@ -57,6 +71,9 @@ CSV_FIELDS = [
     "bytes",
     "words",
     "note",
+    "family",  # the identity fields a spreadsheet groups by (results.json has them all)
+    "fine_tuned",
+    "init_from",
 ]
 
 
@@ -281,22 +298,47 @@ def series_over_seeds(rows: list[dict], field: str) -> dict:
 
 
 def variant_family(variant: str) -> str:
-    """The variant a sibling is shown beside: its name without the ``-<tag>`` of its first part, so
-    ``learned-32L`` goes with ``learned`` and ``sinusoidal-fairseq`` with ``sinusoidal`` (``rope+pi`` is its own)."""
+    """The family a variant's *name* says it belongs to, for result files written before rows had a ``family``:
+    its name without the ``-<tag>`` of its first part, so ``learned-32L`` goes with ``learned`` and
+    ``sinusoidal-fairseq`` with ``sinusoidal`` (``rope+pi`` is its own). Reports call :func:`row_family`."""
     head, *rest = variant.split("+")
     return "+".join([head.split("-")[0], *rest])
+
+
+# A row's identity fields (eval_run.Identity); result files written before them have only the display name, which
+# these fall back to parsing.
+
+
+def row_family(row: dict) -> str:
+    """The variant a row's curve is shown beside (``learned-32L`` and ``learned``: ``learned``)."""
+    return row["family"] if "family" in row else variant_family(row["variant"])
+
+
+def row_fine_tuned(row: dict) -> bool:
+    """Whether the row's checkpoint was fine-tuned from another (trainer.init_from)."""
+    return row["fine_tuned"] if "fine_tuned" in row else "-ft" in row["variant"]
+
+
+def row_base_variant(row: dict) -> str:
+    """The variant the row's is without its zero-shot RoPE scaling (``rope+yarn``: ``rope``)."""
+    if "base_variant" in row:
+        return row["base_variant"]
+    v, m = row["variant"], row["rope_scaling"]
+    return v[: -len(m) - 1] if m != "none" and v.endswith("+" + m) else v
 
 
 def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """Rows of panels: [(title, [(variant, legend label, line style key)])]: the schemes (siblings such as
     sinusoidal-fairseq beside their family); then, if any variant has a RoPE scaling method, those variants beside
     their unscaled base (rope, rope+linear) in a second row."""
-    method = {r["variant"]: r["rope_scaling"] for r in rows}
-    base_of = {v: v[: -len(m) - 1] if m != "none" and v.endswith("+" + m) else v for v, m in method.items()}
+    first = {r["variant"]: r for r in reversed(rows)}  # a row of each variant (they share their fields)
+    method = {v: first[v]["rope_scaling"] for v in dict.fromkeys(r["variant"] for r in rows)}
+    family = {v: row_family(r) for v, r in first.items()}
+    base_of = {v: row_base_variant(r) for v, r in first.items()}
     schemes = [v for v, m in method.items() if m == "none"]
-    families = list(dict.fromkeys(variant_family(v) for v in schemes))
-    schemes.sort(key=lambda v: families.index(variant_family(v)))  # stable: the order of the results otherwise
-    panels = [("schemes", [(v, v, variant_family(v)) for v in schemes])]
+    families = list(dict.fromkeys(family[v] for v in schemes))
+    schemes.sort(key=lambda v: families.index(family[v]))  # stable: the order of the results otherwise
+    panels = [("schemes", [(v, v, family[v]) for v in schemes])]
     scaled = [v for v, m in method.items() if m != "none"]
     if scaled:
         bases = sorted(dict.fromkeys(base_of[v] for v in scaled), key=lambda b: b.count("+"))  # rope, then rope+linear
@@ -502,10 +544,26 @@ def _json_default(o):
 
 def terminal_summary(results: dict) -> str:
     """What evaluate.py prints: one :func:`terminal_table` per protocol that was scored, in the order the results
-    hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table; then every probe's."""
+    hold them (the order asked), so ``eval.protocols=[sliding]`` shows its sliding table; then every probe's, then
+    the tasks' (:func:`roformer.probe_report.sections_terminal`)."""
     protocols = list(dict.fromkeys(r["protocol"] for r in results["results"]))
-    tables = [terminal_table(results, p) for p in protocols] or ["no perplexity cells were scored"]
+    tables = [terminal_table(results, p) for p in protocols]
+    if not tables and not results.get("tasks"):  # task checkpoints alone have no perplexity to miss
+        tables = ["no perplexity cells were scored"]
     return "\n\n".join(tables + sections_terminal(results))
+
+
+def scored_line(results: dict) -> str:
+    """How much evaluate.py scored, for its last line: perplexity cells (unless task checkpoints were all there
+    was), then task checkpoints."""
+    rows, tasks = results["results"], results.get("tasks") or []
+    parts = []
+    if rows or not tasks:
+        parts.append(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} cells scored")
+    if tasks:
+        n = len({r["label"] for r in tasks})
+        parts.append(f"{n} task checkpoint{'s' if n > 1 else ''} scored ({len(tasks)} length bins)")
+    return "; ".join(parts)
 
 
 def terminal_table(results: dict, protocol: str = "nonoverlapping") -> str:

@@ -3,7 +3,7 @@
 Built from an evaluation's ``results.json`` and the study's ``study.json`` (command, commit, machine, wall
 times; see ``scripts/run_study.py``). Everything in it is computed from those two files, so the report can be
 rebuilt at any time with ``python scripts/study_report.py <study folder>``. A study of fine-tuned RoPE checkpoints
-(``run_study.py --preset extension``: variants named ``...-ft``) gets the report of
+(``run_study.py --preset extension``: rows with ``fine_tuned``) gets the report of
 :mod:`roformer.extension_report` instead.
 
 Perplexities are per BPE token, except beside the ALiBi paper: its WikiText-103 perplexities are per word, and a
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from roformer.extension_report import EXTENSION_PLOT, SCALINGS, extension_markdown, is_extension, plot_extension
+from roformer.extension_report import EXTENSION_PLOT, extension_markdown, is_extension, plot_extension
 from roformer.files import atomic_write
-from roformer.reporting import aggregate, has_ratios, plot_ppl_ratio, variant_family
+from roformer.reporting import aggregate, has_ratios, plot_ppl_ratio, row_family
 
 # Press, Smith & Lewis (2022), "Train Short, Test Long" (ALiBi): the WikiText-103 extrapolation results (Figure 1
 # and its table of perplexities in the appendix), trained at L = 512, nonoverlapping evaluation, perplexity per
@@ -113,10 +113,10 @@ def nearest(available: list[float], target: float) -> float:
     return min(available, key=lambda m: abs(math.log(m / target)))
 
 
-def _order(variants: list[str], stats: dict, last: float) -> list[str]:
+def _order(variants: list[str], stats: dict, last: float, family: dict[str, str]) -> list[str]:
     """Variants sorted by their mean ratio at the longest length, those without one (n/a) last; a variant's
-    siblings (learned-32L, sinusoidal-fairseq: reporting.variant_family) stay beside it, where the best one of
-    them would sort."""
+    siblings (learned-32L, sinusoidal-fairseq: ``family``, variant -> its family) stay beside it, where the best
+    one of them would sort."""
 
     def key(v):
         a = stats.get((v, last))
@@ -124,9 +124,13 @@ def _order(variants: list[str], stats: dict, last: float) -> list[str]:
 
     best = {}
     for v in variants:
-        f = variant_family(v)
-        best[f] = min(best.get(f, key(v)), key(v))
-    return sorted(variants, key=lambda v: (best[variant_family(v)], variant_family(v), key(v)))
+        best[family[v]] = min(best.get(family[v], key(v)), key(v))
+    return sorted(variants, key=lambda v: (best[family[v]], family[v], key(v)))
+
+
+def _families(rows: list[dict]) -> dict[str, str]:
+    """variant -> its family (reporting.row_family)."""
+    return {r["variant"]: row_family(r) for r in rows}
 
 
 def study_header(study: dict) -> list[str]:
@@ -179,7 +183,7 @@ def _headline(rows: list[dict], nono: dict, variants: list[str], longer: list[fl
     out = ["## Perplexity ratio to L, nonoverlapping (per token)", ""]
     out.append("| variant | ppl per token at L | " + " | ".join(_mult(m) for m in longer) + " |")
     out.append("|---|---|" + "---|" * len(longer))
-    for v in _order(variants, nono, longer[-1]) if longer else variants:
+    for v in _order(variants, nono, longer[-1], _families(rows)) if longer else variants:
         a = agg.get((v, "nonoverlapping", train_len[v]))
         ppl = ""
         if a and a["status"] == "ok":
@@ -202,8 +206,8 @@ def _fixed_vs_nonoverlapping(rows: list[dict], nono: dict, variants: list[str], 
         "| variant | " + " | ".join(_mult(m) for m in longer) + " |",
         "|---|" + "---|" * len(longer),
     ]
-    base_variants = [v for v in variants if v.rsplit("+", 1)[-1] not in SCALINGS]
-    for v in _order(base_variants, fixed, longer[-1]):
+    scaled = {r["variant"] for r in rows if r["rope_scaling"] != "none"}  # scored with a zero-shot scaling
+    for v in _order([v for v in variants if v not in scaled], fixed, longer[-1], _families(rows)):
         cells = []
         for m in longer:
             f, n = fixed.get((v, m)), nono.get((v, m))
@@ -289,7 +293,7 @@ def study_markdown(results: dict, study: dict | None = None, plots: list[str] | 
 
 def write_report(study_dir: Path) -> Path:
     """<study>/eval/report.md from <study>/eval/results.json and <study>/study.json (if there), and its plot:
-    ppl_ratio.png (nonoverlapping ratios), or for an extension study (fine-tuned ``-ft`` variants) the extension
+    ppl_ratio.png (nonoverlapping ratios), or for an extension study (fine-tuned checkpoints) the extension
     report and extension_ppl.png."""
     study_dir = Path(study_dir)
     eval_dir = study_dir / "eval"

@@ -72,12 +72,26 @@ def expected(variant: str, protocol: str, i: int) -> tuple[float, str]:
     return float(np.mean(xs)), f"{np.mean(xs):,.{d}f} ± {np.std(xs, ddof=1):,.{d}f}"
 
 
-def test_kinds_and_methods():
+def test_kinds_and_methods_of_rows_without_fields():
+    """A results.json written before rows had fields: the kind and method are read from the variant's name."""
     assert kind({"variant": "rope+pi", "rope_scaling": "pi"}) == "zero-shot"
     assert kind({"variant": "rope+pi-ft", "rope_scaling": "none"}) == "fine-tuned"
     assert kind({"variant": "rope-ft+pi", "rope_scaling": "pi"}) == "fine-tuned + zero-shot"
-    assert [method(v) for v in ("rope", "rope-ft", "rope+yarn-ft", "rope-ft+dynamic_ntk", "rope+linear")] == [
-        "none", "none", "yarn", "dynamic_ntk", "none"]
+    rows = [("rope", "none"), ("rope-ft", "none"), ("rope+yarn-ft", "none"), ("rope-ft+dynamic_ntk", "dynamic_ntk"),
+            ("rope+linear", "none"), ("rope+abf-ft", "none")]
+    assert [method({"variant": v, "rope_scaling": m}) for v, m in rows] == [
+        "none", "none", "yarn", "dynamic_ntk", "none", "none"]
+
+
+def test_kinds_and_methods_come_from_the_fields_not_the_name():
+    """Rows with fields: a fine-tuned checkpoint whose name does not say so, and a scheme whose name holds -ft."""
+    ft = {"variant": "mine", "rope_scaling": "none", "fine_tuned": True, "train_scaling": "yarn"}
+    assert (kind(ft), method(ft)) == ("fine-tuned", "yarn")
+    zero_shot = {**ft, "rope_scaling": "pi"}
+    assert (kind(zero_shot), method(zero_shot)) == ("fine-tuned + zero-shot", "pi")
+    plain = {"variant": "rope-ftx+pi", "rope_scaling": "none", "fine_tuned": False, "train_scaling": "none"}
+    assert (kind(plain), method(plain)) == ("zero-shot", "none")
+    assert not is_extension({"results": [plain]}) and is_extension({"results": [plain, ft]})
 
 
 def test_tables_hold_mean_and_std_over_seeds_with_the_best_in_bold(results):

@@ -260,6 +260,13 @@ def test_evaluate_writes_probe_rows_tables_and_terminal_lines(trained, tmp_path)
     assert {(r["label"], r["variant"], r["scheme"], r["rope_scaling"], r["seed"], r["train_len"], r["n"])
             for r in rows if r["status"] == "ok"} == {("rope", "rope", "rope", "none", 0, 32, 2)}
     assert all(r["status"] == "ok" and 1 <= r["value"] or r["metric"] != "key_rank" for r in passkey)
+    # every row carries its model's identity as fields, and what kind of row it is
+    ident = {"scheme": "rope", "family": "rope", "base_variant": "rope", "fine_tuned": False, "init_from": None,
+             "ft_method": None, "train_scaling": "none", "table_multiple": None, "seed": 0, "bca": False}
+    for kind, rs in (("probe", rows), ("perplexity", saved["results"])):
+        assert rs and all({k: r[k] for k in ident} == ident and r["kind"] == kind for r in rs), kind
+    header, first = (tmp_path / "results.csv").read_text().splitlines()[:2]
+    assert header.endswith(",note,family,fine_tuned,init_from") and first.endswith(",rope,False,")
     assert all(r["prompt_tokens"] <= r["length"] - 9 for r in passkey)
     copy = {(r["metric"], r["distance"]): r for r in rows if r["probe"] == "copy"}
     assert sorted({d for _, d in copy}) == [8, 16, 32, 64, 128, 256, 512]  # L/4 .. the largest length, doubling

@@ -6,7 +6,16 @@ import math
 import numpy as np
 import pytest
 
-from roformer.reporting import ppl_ratio_figure, ratio_clip, variant_family
+from roformer.reporting import (
+    _panels,
+    ppl_ratio_figure,
+    ratio_clip,
+    row_base_variant,
+    row_family,
+    row_fine_tuned,
+    variant_family,
+)
+from roformer.study_report import _order
 
 L = 128
 LENGTHS = (128, 256, 512, 1024, 3072)
@@ -71,3 +80,36 @@ def test_published_ratio_plot(results):
     labels = [ln.get_label() for ln in scaling.get_lines() if not ln.get_label().startswith("_")]
     assert labels == ["rope (no scaling)", "rope+pi", "rope+yarn", "rope+linear (no scaling)", "rope+linear+pi"]
     assert not scaling.texts  # nothing to clip there
+
+
+def test_reports_group_by_the_family_field_not_the_name():
+    """A scheme whose name holds a dash (rope-xpos) is its own family when its rows say so; only a row without
+    the field (a results.json from before) falls back to the name, which puts it with rope."""
+    rows = [{"variant": v, "scheme": sch, "family": fam, "rope_scaling": "none"}
+            for v, sch, fam in (("rope", "rope", "rope"), ("rope-xpos", "xpos", "rope-xpos"),
+                                ("learned-32L", "learned", "learned"), ("learned", "learned", "learned"))]
+    assert [row_family(r) for r in rows] == ["rope", "rope-xpos", "learned", "learned"]
+    (title, curves), = _panels(rows)
+    assert title == "schemes" and [(v, k) for v, _, k in curves] == [
+        ("rope", "rope"), ("rope-xpos", "rope-xpos"), ("learned-32L", "learned"), ("learned", "learned")]
+    # the study's order: siblings beside their family, where the best of them sorts (rope-xpos best, rope worst)
+    stats = {(v, 4.0): {"status": "ok", "mean": m} for v, m in (("rope", 3.0), ("rope-xpos", 1.0),
+                                                                ("learned-32L", 2.0), ("learned", 2.5))}
+    family = {r["variant"]: row_family(r) for r in rows}
+    assert _order([r["variant"] for r in rows], stats, 4.0, family) == ["rope-xpos", "learned-32L", "learned", "rope"]
+    old = [{k: v for k, v in r.items() if k != "family"} for r in rows]  # a file from before the fields
+    assert row_family(old[1]) == "rope"
+    assert _order([r["variant"] for r in old], stats, 4.0, {r["variant"]: row_family(r) for r in old}) == [
+        "rope-xpos", "rope", "learned-32L", "learned"]
+
+
+def test_row_helpers_read_the_fields_and_fall_back_to_the_name():
+    new = {"variant": "mine+yarn", "rope_scaling": "yarn", "family": "fam", "fine_tuned": True, "base_variant": "mine"}
+    assert (row_family(new), row_fine_tuned(new), row_base_variant(new)) == ("fam", True, "mine")
+    old = {"variant": "rope-ft+yarn", "rope_scaling": "yarn"}
+    assert (row_family(old), row_fine_tuned(old), row_base_variant(old)) == ("rope+yarn", True, "rope-ft")
+    old = {"variant": "sinusoidal-fairseq", "rope_scaling": "none"}
+    assert (row_family(old), row_fine_tuned(old), row_base_variant(old)) == ("sinusoidal", False, "sinusoidal-fairseq")
+    # a zero-shot scaling on a BCA checkpoint: its base is the BCA variant (the name alone cannot say that)
+    bca = {"variant": "rope+yarn+bca", "rope_scaling": "yarn", "base_variant": "rope+bca"}
+    assert row_base_variant(bca) == "rope+bca"
