@@ -23,6 +23,7 @@ import numpy as np
 from roformer.extension_report import EXTENSION_PLOT, extension_markdown, is_extension, plot_extension
 from roformer.files import atomic_write
 from roformer.reporting import aggregate, has_ratios, plot_ppl_ratio, row_family
+from roformer.task_report import write_task_report
 
 # Press, Smith & Lewis (2022), "Train Short, Test Long" (ALiBi): the WikiText-103 extrapolation results (Figure 1
 # and its table of perplexities in the appendix), trained at L = 512, nonoverlapping evaluation, perplexity per
@@ -294,7 +295,7 @@ def study_markdown(results: dict, study: dict | None = None, plots: list[str] | 
 def write_report(study_dir: Path) -> Path:
     """<study>/eval/report.md from <study>/eval/results.json and <study>/study.json (if there), and its plot:
     ppl_ratio.png (nonoverlapping ratios), or for an extension study (fine-tuned checkpoints) the extension
-    report and extension_ppl.png."""
+    report and extension_ppl.png, or for a task study (task checkpoints only) roformer/task_report.py's report."""
     study_dir = Path(study_dir)
     eval_dir = study_dir / "eval"
     results_path = eval_dir / "results.json"
@@ -304,6 +305,8 @@ def write_report(study_dir: Path) -> Path:
     study_path = study_dir / "study.json"
     study = json.loads(study_path.read_text()) if study_path.is_file() else None
     header = study_header(study) if study else []
+    if results.get("tasks") and not results["results"]:  # an algorithmic-task study
+        return write_task_report(study_dir, header)
     if is_extension(results):
         plot_extension(results, eval_dir / EXTENSION_PLOT)
         text = extension_markdown(results, header)

@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 import roformer.config  # noqa: E402,F401  (registers train.yaml's schema, which experiment_seq_len composes)
+from roformer.data.tasks import TASK_NAMES  # noqa: E402
 from roformer.evaluation import EvalSettings  # noqa: E402
 from roformer.files import atomic_write, one_line  # noqa: E402
 from roformer.positional import SCHEMES  # noqa: E402
@@ -84,6 +86,13 @@ class Preset:
     base: str = ""
     # variants of configs/run_study.yaml whose runs in the base study are scored too (zero-shot, as trained)
     zero_shot: list[str] = field(default_factory=list)
+    # algorithmic tasks (roformer/data/tasks.py): every variant is trained on each, with data.task=<task>; empty:
+    # the experiment's own corpus
+    tasks: list[str] = field(default_factory=list)
+    # the registered schemes only, without configs/run_study.yaml's named variants (rope+linear, learned-32L, ...)
+    schemes_only: bool = False
+    # training runs at once, each with trainer.threads = CPUs // jobs; 1: one after another
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         if self.experiment not in options("experiment"):
@@ -91,6 +100,11 @@ class Preset:
                              f"choose from {options('experiment')}")
         if not self.seeds:
             raise ValueError("seeds is empty; list at least one")
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"tasks: {unknown} are not tasks; choose from {list(TASK_NAMES)}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs={self.jobs}: run at least 1 training run at once")
         try:  # a wrong key, type or value fails now, not after hours of training
             settings = {k: v for k, v in self.eval.items() if v is not None}
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalSettings), settings))
@@ -117,12 +131,13 @@ class Study:
         """A variant's train.py overrides for one seed: {seed}, {base} (the base study folder) and {kL} filled in."""
         return [expand(o, seed=seed, base=base, seq_len=self.seq_len) for o in self.variants[variant]]
 
-    def run_name(self, variant: str, seed: int) -> str:
+    def run_name(self, variant: str, seed: int, task: str | None = None) -> str:
         """A run's folder under <out>/runs: its overrides, as Hydra names a sweep's jobs; a preset's own variants
-        (whose overrides hold paths) by name."""
+        (whose overrides hold paths) by name; a task's run starts with task=<task>."""
+        head = f"task={task}," if task else ""
         if self.preset.variants is None:
-            return run_name(self.overrides(variant, seed, None), seed)
-        return f"variant={variant},seed={seed}"
+            return head + run_name(self.overrides(variant, seed, None), seed)
+        return f"{head}variant={variant},seed={seed}"
 
 
 PLACEHOLDER = re.compile(r"\{(\d+(?:\.\d+)?)L\}")
@@ -177,6 +192,8 @@ def load_study(preset: str) -> Study:
         raise ValueError(f"configs/study/{preset}.yaml: zero_shot: {unknown} are not variants of "
                          f"configs/run_study.yaml; choose from {list(variants)}")
     own = {str(v): [str(o) for o in ov] for v, ov in p.variants.items()} if p.variants is not None else None
+    if own is None and p.schemes_only:
+        own = {v: o for v, o in variants.items() if v in SCHEMES}  # named by their overrides: pos=<name>
     return Study(preset=p, variants=own or variants, main_variants=variants, seq_len=experiment_seq_len(p.experiment))
 
 
@@ -219,32 +236,44 @@ def check_base(study: Study, variants: list[str], seeds: list[int]) -> None:
                          f"first: python scripts/run_study.py --out {base} --seeds {','.join(map(str, seeds))}")
 
 
+def study_tag(study: Study) -> str:
+    """The tag every run of the study carries beside the study's name: what kind of study it is."""
+    return "tasks" if study.preset.tasks else "extrapolation"
+
+
 def train_runs(
-    study: Study, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str]
+    study: Study, variants: list[str], seeds: list[int], out: Path, logger: str, extra: list[str],
+    tasks: list[str] | None = None, threads: int = 0,
 ) -> list[tuple[str, Path, list[str]]]:
-    """(name, run folder, train.py command) of every run, seed-major: a study cut short still has every variant
-    for the first seeds."""
-    group = out.name
+    """(name, run folder, train.py command) of every run, seed-major, then task by task: a study cut short still has
+    every variant for the first seeds. ``tasks``: the algorithmic tasks each variant trains on (None: the preset's;
+    empty: its corpus); ``threads``: trainer.threads of each run (0: the experiment's)."""
+    group, tag = out.name, study_tag(study)
+    tasks = study.preset.tasks if tasks is None else tasks
     runs = []
     for seed in seeds:
-        for v in variants:
-            name = study.run_name(v, seed)
-            run_dir = out / "runs" / name
-            cmd = [
-                sys.executable,
-                "train.py",
-                f"experiment={study.preset.experiment}",
-                *study.overrides(v, seed, base_folder(study)),
-                f"seed={seed}",
-                f"logger={logger}",
-                f"logger.group={group}-{v}",
-                f"logger.tags=[extrapolation,{group}]",
-                f"logger.name={v}-seed{seed}",
-                "trainer.progress=false",
-                *extra,
-                f"hydra.run.dir='{run_dir}'",
-            ]
-            runs.append((name, run_dir, cmd))
+        for task in tasks or [None]:
+            for v in variants:
+                name = study.run_name(v, seed, task)
+                run_dir = out / "runs" / name
+                label = f"{task}-{v}" if task else v
+                cmd = [
+                    sys.executable,
+                    "train.py",
+                    f"experiment={study.preset.experiment}",
+                    *study.overrides(v, seed, base_folder(study)),
+                    *([f"data.task={task}"] if task else []),
+                    f"seed={seed}",
+                    f"logger={logger}",
+                    f"logger.group={group}-{label}",
+                    f"logger.tags=[{tag},{group}]",
+                    f"logger.name={label}-seed{seed}",
+                    "trainer.progress=false",
+                    *([f"trainer.threads={threads}"] if threads else []),
+                    *extra,
+                    f"hydra.run.dir='{run_dir}'",
+                ]
+                runs.append((name, run_dir, cmd))
     return runs
 
 
@@ -258,7 +287,7 @@ def eval_command(study: Study, out: Path, logger: str, seeds: list[int]) -> list
         "ckpt=[" + ",".join(f"'{p}'" for p in ckpts) + "]",
         *study.preset.eval_overrides(),
         f"logger={logger}",
-        f"logger.tags=[extrapolation,{out.name}]",
+        f"logger.tags=[{study_tag(study)},{out.name}]",
         f"hydra.run.dir='{out / 'eval'}'",
     ]
 
@@ -275,6 +304,24 @@ def sh(cmd: list[str], log: Path) -> int:
             if "error" in line.lower() or " - done:" in line or "cells scored" in line:
                 print("  " + line.rstrip(), flush=True)
         return proc.wait()
+
+
+def train_all(todo: list[tuple[str, list[str]]], jobs: int, log: Path, logs: Path) -> list[dict]:
+    """Run the training commands, ``jobs`` at once (each then logs to <logs>/<name>.log instead of the study's
+    log, so that their lines do not interleave); a record per run, in the given order."""
+
+    def one(name: str, cmd: list[str]) -> dict:
+        t = time.time()
+        rc = sh(cmd, log if jobs == 1 else logs / f"{name}.log")
+        if rc != 0:
+            print(f"! {name} failed (exit {rc}); see {log if jobs == 1 else logs / f'{name}.log'}", flush=True)
+        return {"run": name, "exit_code": rc, "seconds": round(time.time() - t, 1)}
+
+    if jobs == 1:
+        return [one(name, cmd) for name, cmd in todo]
+    logs.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda run: one(*run), todo))
 
 
 def git_commit() -> str:
@@ -310,6 +357,9 @@ def main() -> int:
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--variants", default=None, help="comma-separated subset (default: every variant, "
                     "configs/run_study.yaml)")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the preset's algorithmic tasks")
+    ap.add_argument("--jobs", type=int, default=None, help="training runs at once, each with CPUs // jobs threads "
+                    "(default: the preset's jobs)")
     ap.add_argument("--logger", default="wandb", choices=["wandb", "none"])
     ap.add_argument("--skip-train", action="store_true", help="only evaluate what is in <out>/runs")
     ap.add_argument("--base", default=None, help="the base study folder a preset's runs start from (default: the "
@@ -329,6 +379,13 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else study.preset.seeds
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
+    tasks = study.preset.tasks if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in study.preset.tasks]
+    if unknown:
+        ap.error(f"--tasks: {unknown} are not tasks of --preset {args.preset}; choose from {study.preset.tasks}")
+    jobs = study.preset.jobs if args.jobs is None else args.jobs
+    if jobs < 1:
+        ap.error(f"--jobs {jobs}: run at least 1 training run at once")
     if args.base is not None:
         study.preset.base = args.base
     try:
@@ -345,18 +402,19 @@ def main() -> int:
         "preset": args.preset,
         "seeds": seeds,
         "variants": variants,
+        "tasks": tasks,
+        "jobs": jobs,
         "runs": [],
     }
     if not args.skip_train:
-        for name, run_dir, cmd in train_runs(study, variants, seeds, out, args.logger, args.overrides):
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+        todo = []
+        for name, run_dir, cmd in train_runs(study, variants, seeds, out, args.logger, args.overrides, tasks, threads):
             if (run_dir / "checkpoints" / "last.pt").is_file():
                 print(f"= {name}: already trained", flush=True)
-                continue
-            t = time.time()
-            rc = sh(cmd, log)
-            record["runs"].append({"run": name, "exit_code": rc, "seconds": round(time.time() - t, 1)})
-            if rc != 0:
-                print(f"! {name} failed (exit {rc}); see {log}", flush=True)
+            else:
+                todo.append((name, cmd))
+        record["runs"] = train_all(todo, jobs, log, out / "logs")
     t_train = time.time() - t0
     rc = sh(eval_command(study, out, args.logger, seeds), log)
     record.update(

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,9 @@ def test_main_runs_the_chosen_variants_seeds_and_overrides_and_skips_trained_run
     train, evaluate = old_commands("quick", ["rope+linear", "learned"], [3, 1], out, "none", ["optim.lr=1e-3"])
     assert rc == 0 and cmds == [train[0], train[2], train[3], evaluate]  # learned seed 3 is already trained
     record = json.loads((out / "study.json").read_text())
-    assert list(record) == ["command", "commit", "machine", "preset", "seeds", "variants", "runs", "train_seconds",
-                            "eval_seconds", "wall_seconds", "eval_exit_code"]  # fmt: skip
+    assert list(record) == ["command", "commit", "machine", "preset", "seeds", "variants", "tasks", "jobs", "runs",
+                            "train_seconds", "eval_seconds", "wall_seconds", "eval_exit_code"]  # fmt: skip
+    assert (record["tasks"], record["jobs"]) == ([], 1)
     assert (record["preset"], record["seeds"], record["variants"]) == ("quick", [3, 1], ["rope+linear", "learned"])
     assert record["command"] == (f"python run_study.py --preset quick --out {out} --variants rope+linear,learned "
                                  "--seeds 3,1 --logger none -- optim.lr=1e-3")
@@ -177,14 +179,17 @@ def test_a_new_scheme_is_a_variant(monkeypatch):
 
 @pytest.mark.parametrize("preset", options("study"))
 def test_every_preset_loads_and_names_an_experiment_that_exists(preset):
-    assert options("study") == ["cpu", "extension", "gpu", "quick", "zoo"]
+    assert options("study") == ["cpu", "extension", "generalization", "gpu", "quick", "zoo"]
     assert run_study.load_study(preset).preset.experiment in options("experiment")
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--variants", "rope,rotary"], "error: --variants: unknown ['rotary']; choose from ['rope', 'sinusoidal', "),
-    (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'extension', 'gpu', "
-                          "'quick', 'zoo')"),
+    (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'extension', "
+                          "'generalization', 'gpu', 'quick', 'zoo')"),
+    (["--preset", "generalization", "--tasks", "copy,lego"], "error: --tasks: ['lego'] are not tasks of --preset "
+                                                              "generalization; choose from ['copy', "),
+    (["--jobs", "0"], "error: --jobs 0: run at least 1 training run at once"),
     (["--seeds", "0,one"], "error: --seeds: '0,one' is not a comma-separated list of integers"),
 ])  # fmt: skip
 def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
@@ -263,3 +268,43 @@ def test_the_extension_preset_without_its_base_study_fails_in_one_line_before_an
     assert err.endswith(f"error: the base study has no checkpoint at {base}/runs/pos=rope,seed=1 (1 missing); train it "
                         f"first: python scripts/run_study.py --out {base} --seeds 0,1")  # fmt: skip
     assert not (tmp_path / "ext").exists()
+
+
+def test_the_generalization_preset_trains_every_scheme_on_every_task():
+    study, out = run_study.load_study("generalization"), Path("/studies/gen")
+    assert list(study.variants) == [v for v in STUDY_VARIANTS if v in SCHEMES]  # the registry's, none of the named
+    assert study.preset.tasks == ["copy", "reverse", "sorting", "summation", "parity"] and study.preset.jobs == 2
+    runs = run_study.train_runs(study, ["rope", "nope"], [0, 1], out, "none", [], ["copy", "parity"], threads=1)
+    assert [name for name, _, _ in runs] == [
+        f"task={t},pos={v},seed={s}" for s in (0, 1) for t in ("copy", "parity") for v in ("rope", "nope")]
+    assert runs[1][2] == [
+        PY, "train.py", "experiment=task", "pos=nope", "data.task=copy", "seed=0", "logger=none",
+        "logger.group=gen-copy-nope", "logger.tags=[tasks,gen]", "logger.name=copy-nope-seed0",
+        "trainer.progress=false", "trainer.threads=1", "hydra.run.dir='/studies/gen/runs/task=copy,pos=nope,seed=0'"]
+    assert run_study.eval_command(study, out, "none", [0]) == [
+        PY, "evaluate.py", "ckpt=['/studies/gen/runs']", "eval.progress=false", "eval.bf16=true",
+        "eval.task_examples=200", "logger=none", "logger.tags=[tasks,gen]", "hydra.run.dir='/studies/gen/eval'"]
+
+
+def test_jobs_run_at_once_each_with_its_own_log(tmp_path, monkeypatch):
+    """--jobs 2: two training commands are in flight together (each waits until the other has started), each logs
+    to <out>/logs/<run>.log, and the record keeps the runs' order."""
+    both = threading.Barrier(2, timeout=10)
+    logs = []
+
+    def sh(cmd, log):
+        logs.append(log)
+        if cmd[1] == "train.py":
+            both.wait()  # a BrokenBarrierError if the two never run at once
+        return 0
+
+    monkeypatch.setattr(run_study, "sh", sh)
+    monkeypatch.setattr(run_study, "write_report", lambda out: None)
+    out = tmp_path / "gen"
+    monkeypatch.setattr(sys, "argv", ["run_study.py", "--preset", "generalization", "--out", str(out), "--variants",
+                                      "rope", "--tasks", "copy,parity", "--seeds", "0", "--logger", "none"])
+    assert run_study.main() == 0
+    names = ["task=copy,pos=rope,seed=0", "task=parity,pos=rope,seed=0"]
+    assert sorted(logs[:2]) == [out / "logs" / f"{n}.log" for n in names] and logs[2] == out / "study.log"
+    record = json.loads((out / "study.json").read_text())
+    assert [r["run"] for r in record["runs"]] == names and (record["tasks"], record["jobs"]) == (["copy", "parity"], 2)

@@ -150,8 +150,8 @@ def test_tokenizer_is_the_tasks_word_level_vocabulary(task):
 
 
 def test_data_config_fills_the_task_default_and_checks_task_keys():
-    assert DataConfig(name="task").task_max_len == 20
-    assert DataConfig(name="task", task="addition").task_max_len == 8
+    assert DataConfig(name="task").task_max_len == 10
+    assert DataConfig(name="task", task="addition").task_max_len == 2
     assert DataConfig(name="task", task="parity", task_max_len=5).task_max_len == 5
     assert DataConfig().task_max_len is None  # a corpus does not read the task keys
     with pytest.raises(DataError, match="data.task='copies' is not one of: copy, reverse"):

@@ -1,0 +1,192 @@
+"""The report of an algorithmic-task study (``scripts/run_study.py --preset generalization``): exact match per
+instance-length bin, per task and scheme, and the schemes' mean reciprocal rank beside Kazemnejad et al. (2023).
+
+Input: the ``tasks`` rows of results.json (:mod:`roformer.reporting` documents them). Seeds of one variant family
+(``row_family``: ``learned-16L`` is shown as ``learned``) are averaged; a bin whose examples a model cannot read
+(past a learned position table) counts as accuracy 0 in the ranking and shows as n/a in the tables.
+
+Mean reciprocal rank, as the paper computes it following Liang et al. (2022): in every scenario (a task and one
+test-length bin beyond the training lengths) the schemes are ranked by their mean accuracy over seeds, best first,
+tied schemes sharing the better rank; a scheme's score in that scenario is 1 / its rank, and its MRR is the mean
+over scenarios. The in-distribution bin is not a scenario: it measures learning, not generalization. The paper's
+Fig. 1 ranks five schemes among themselves, so :data:`PAPER_MRR`'s are set beside ours ranked among those five only;
+the ranking of every scheme follows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from roformer.files import atomic_write
+from roformer.reporting import new_figure, row_family, save_fig
+
+# Kazemnejad et al. 2023 (NeurIPS, arXiv 2305.19466), Fig. 1: MRR over their 10 tasks, higher is better. Our
+# scheme names; the paper's APE is the sinusoidal one (their §3).
+PAPER_MRR = {"nope": 0.69, "t5": 0.55, "alibi": 0.50, "rope": 0.33, "sinusoidal": 0.22}
+PAPER_NAME = {"nope": "NoPE", "t5": "T5's relative bias", "alibi": "ALiBi", "rope": "Rotary", "sinusoidal": "APE"}
+IN_DISTRIBUTION = 0.9  # the accuracy in distribution that counts as having learned the task
+PLOT = "task_accuracy.png"
+
+Bin = tuple[int, int]
+
+
+def accuracy(rows: list[dict]) -> dict[tuple[str, str, Bin], list[float | None]]:
+    """(task, family, bin) -> the accuracy of each seed (None: the model could not read the bin)."""
+    out: dict = defaultdict(list)
+    for r in rows:
+        out[(r["task"], row_family(r), (r["bin_lo"], r["bin_hi"]))].append(r["value"])
+    return dict(out)
+
+
+def _mean(values: list[float | None]) -> float:
+    """The mean over seeds, a bin a seed cannot read counting as 0."""
+    return float(np.mean([0.0 if v is None else v for v in values]))
+
+
+def tasks_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["task"] for r in rows))
+
+
+def families_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(row_family(r) for r in rows))
+
+
+def bins_of(rows: list[dict], task: str) -> list[Bin]:
+    return sorted({(r["bin_lo"], r["bin_hi"]) for r in rows if r["task"] == task})
+
+
+def scenarios(rows: list[dict]) -> list[tuple[str, Bin]]:
+    """(task, bin) of every test bin beyond the training lengths (every bin but each task's first)."""
+    return [(t, b) for t in tasks_of(rows) for b in bins_of(rows, t)[1:]]
+
+
+def mean_reciprocal_rank(rows: list[dict], families: list[str]) -> dict[str, float]:
+    """Each family's MRR among ``families`` over :func:`scenarios` (ties share the better rank). A family without
+    rows in a scenario is left out of that scenario's ranking."""
+    acc = accuracy(rows)
+    rr: dict[str, list[float]] = {f: [] for f in families}
+    for task, b in scenarios(rows):
+        means = {f: _mean(acc[(task, f, b)]) for f in families if (task, f, b) in acc}
+        for f, m in means.items():
+            rank = 1 + sum(other > m for other in means.values())
+            rr[f].append(1.0 / rank)
+    return {f: float(np.mean(v)) for f, v in rr.items() if v}
+
+
+def _cell(values: list[float | None] | None) -> str:
+    if not values:
+        return ""
+    if any(v is None for v in values):
+        return "n/a"
+    mean = 100 * np.mean(values)
+    return f"{mean:.0f}" + (f" ± {100 * np.std(values):.0f}" if len(values) > 1 else "")
+
+
+def learned_count(rows: list[dict], task: str) -> tuple[int, int]:
+    """(families whose mean accuracy in distribution is at least IN_DISTRIBUTION, families) for ``task``."""
+    acc, b = accuracy(rows), bins_of(rows, task)[0]
+    fams = [f for f in families_of(rows) if (task, f, b) in acc]
+    return sum(_mean(acc[(task, f, b)]) >= IN_DISTRIBUTION for f in fams), len(fams)
+
+
+def accuracy_tables(rows: list[dict]) -> list[str]:
+    """A markdown table per task: a row per family, the bins as columns (% exact match, mean ± std over seeds)."""
+    acc, out = accuracy(rows), []
+    for task in tasks_of(rows):
+        bins = bins_of(rows, task)
+        fams = [f for f in families_of(rows) if any((task, f, b) in acc for b in bins)]
+        fams.sort(key=lambda f: -np.mean([_mean(acc.get((task, f, b), [0.0])) for b in bins[1:]] or [0.0]))
+        seeds = {f: len(acc.get((task, f, bins[0]), [])) for f in fams}
+        learned, n = learned_count(rows, task)
+        head = ["scheme", "seeds", *(f"{lo}–{hi}" + (" (train)" if i == 0 else "") for i, (lo, hi) in
+                                      enumerate(bins))]
+        out += [f"### {task}", "",
+                f"{learned} of {n} schemes reach {IN_DISTRIBUTION:.0%} in distribution (the first bin).", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join([f, str(seeds[f]), *(_cell(acc.get((task, f, b))) for b in bins)]) + " |"
+                for f in fams]
+        out.append("")
+    return out
+
+
+def mrr_tables(rows: list[dict]) -> list[str]:
+    """Ours beside the paper's Fig. 1 (the five schemes ranked among themselves), then every scheme's MRR."""
+    fams = families_of(rows)
+    five = [f for f in PAPER_MRR if f in fams]
+    n_scen = len(scenarios(rows))
+    out = [f"Over {n_scen} scenarios: {len(tasks_of(rows))} tasks x their test bins beyond the training lengths.",
+           ""]
+    if five:
+        ours = mean_reciprocal_rank(rows, five)
+        out += ["| scheme | paper (Fig. 1, 10 tasks) | ours (these tasks) |", "|---|---|---|"]
+        out += [f"| {PAPER_NAME[f]} ({f}) | {PAPER_MRR[f]:.2f} | {ours[f]:.2f} |" for f in five]
+        paper_order = " > ".join(PAPER_NAME[f] for f in sorted(five, key=lambda f: -PAPER_MRR[f]))
+        our_order = " > ".join(PAPER_NAME[f] for f in sorted(five, key=lambda f: -ours[f]))
+        out += ["", f"Paper's order: {paper_order}. Ours: {our_order}.", ""]
+    every = mean_reciprocal_rank(rows, fams)
+    out += ["Every scheme ranked among all of them:", "", "| scheme | MRR |", "|---|---|"]
+    out += [f"| {f} | {every[f]:.2f} |" for f in sorted(every, key=lambda f: -every[f])]
+    return out + [""]
+
+
+def task_figure(results: dict):
+    """A panel per task: mean exact match (± std over seeds) against the bin's upper length, a line per scheme; the
+    training lengths shaded."""
+    rows = results.get("tasks") or []
+    tasks = tasks_of(rows)
+    fig, axes = new_figure(1, len(tasks), "exact match of greedy decoding by instance length (mean ± std over seeds)")
+    acc = accuracy(rows)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        bins = bins_of(rows, task)
+        for f in families_of(rows):
+            pts = [(hi, [0.0 if v is None else v for v in acc[(task, f, (lo, hi))]]) for lo, hi in bins
+                   if (task, f, (lo, hi)) in acc]
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts])
+            mean, std = (np.array([fn(p[1]) for p in pts]) for fn in (np.mean, np.std))
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.12, lw=0)
+        ax.axvspan(0, bins[0][1], color="0.9", zorder=0)
+        ax.set_title(task)
+        ax.set_xlabel("instance length (bin's upper end)")
+        ax.set_xticks([hi for _, hi in bins])
+        ax.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("exact match")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def task_markdown(results: dict, header: list[str], plot: str | None = PLOT) -> str:
+    rows = results.get("tasks") or []
+    ck = results["checkpoints"][0]
+    model, data = ck["config"]["model"], ck["data"]
+    steps = sorted({c.get("step") for c in results["checkpoints"] if c.get("step")})
+    out = ["# Length generalization on algorithmic tasks", "", *header,
+           f"Each scheme is trained on every task with instance lengths 1..L and scored by exact match of greedy "
+           f"decoding on {results['settings'].get('task_examples')} examples per bin of lengths up to "
+           f"{data.get('task_test_max_mult')} L (the task's own unit); model {model.get('n_layer')} layers, d_model "
+           f"{model.get('d_model')}, {model.get('n_head')} heads; {', '.join(map(str, steps))} steps. Accuracy in %, "
+           "mean ± std over seeds.", "",
+           "## Mean reciprocal rank beyond the training lengths", "", *mrr_tables(rows),
+           "## Exact match per length bin", ""]
+    if plot:
+        out += [f"![exact match by length]({plot})", ""]
+    return "\n".join(out + accuracy_tables(rows))
+
+
+def write_task_report(study_dir: Path, header: list[str]) -> Path:
+    """<study>/eval/report.md and task_accuracy.png from <study>/eval/results.json's task rows."""
+    eval_dir = Path(study_dir) / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    save_fig(task_figure(results), eval_dir / PLOT)
+    path = eval_dir / "report.md"
+    atomic_write(path, task_markdown(results, header))
+    return path
+
+
+__all__ = ["PAPER_MRR", "accuracy", "mean_reciprocal_rank", "scenarios", "task_markdown", "write_task_report"]
