@@ -43,8 +43,9 @@ def accuracy(rows: list[dict]) -> dict[tuple[str, str, Bin], list[float | None]]
 
 
 def _mean(values: list[float | None]) -> float:
-    """The mean over seeds, a bin a seed cannot read counting as 0."""
-    return float(np.mean([0.0 if v is None else v for v in values]))
+    """The mean over seeds, a bin a seed cannot read counting as 0; rounded, so that equal accuracies summed in
+    another order still tie."""
+    return round(float(np.mean([0.0 if v is None else v for v in values])), 9)
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
@@ -113,6 +114,15 @@ def accuracy_tables(rows: list[dict]) -> list[str]:
     return out
 
 
+def _order(score: dict[str, float], families: list[str]) -> str:
+    """``NoPE > T5's relative bias = ALiBi > ...``: best first, ``=`` between scores equal to 2 decimals."""
+    ranked = sorted(families, key=lambda f: -score[f])
+    out = PAPER_NAME[ranked[0]]
+    for a, b in zip(ranked, ranked[1:]):
+        out += (" = " if round(score[a], 2) == round(score[b], 2) else " > ") + PAPER_NAME[b]
+    return out
+
+
 def mrr_tables(rows: list[dict]) -> list[str]:
     """Ours beside the paper's Fig. 1 (the five schemes ranked among themselves), then every scheme's MRR."""
     fams = families_of(rows)
@@ -124,9 +134,7 @@ def mrr_tables(rows: list[dict]) -> list[str]:
         ours = mean_reciprocal_rank(rows, five)
         out += ["| scheme | paper (Fig. 1, 10 tasks) | ours (these tasks) |", "|---|---|---|"]
         out += [f"| {PAPER_NAME[f]} ({f}) | {PAPER_MRR[f]:.2f} | {ours[f]:.2f} |" for f in five]
-        paper_order = " > ".join(PAPER_NAME[f] for f in sorted(five, key=lambda f: -PAPER_MRR[f]))
-        our_order = " > ".join(PAPER_NAME[f] for f in sorted(five, key=lambda f: -ours[f]))
-        out += ["", f"Paper's order: {paper_order}. Ours: {our_order}.", ""]
+        out += ["", f"Paper's order: {_order(PAPER_MRR, five)}. Ours: {_order(ours, five)}.", ""]
     every = mean_reciprocal_rank(rows, fams)
     out += ["Every scheme ranked among all of them:", "", "| scheme | MRR |", "|---|---|"]
     out += [f"| {f} | {every[f]:.2f} |" for f in sorted(every, key=lambda f: -every[f])]
