@@ -4,6 +4,7 @@
     python scripts/run_study.py --preset zoo         # the schemes of 2022-2024 beside five classics, ~90 min
     python scripts/run_study.py --preset quick       # one seed, fewer lengths, < 20 min
     python scripts/run_study.py --preset gpu         # GPT-2 small at L = 512 on WikiText-103 (GPU, internet)
+    python scripts/run_study.py --preset generalization   # every scheme x 3 seeds x 5 algorithmic tasks, 2 at once
     python scripts/run_study.py --out studies/mine --seeds 0,1 -- optim.lr=1e-3   # extra overrides for every run
 
 The study is data: configs/run_study.yaml, composed with Hydra's compose API and checked before any work.
@@ -11,7 +12,9 @@ Variants: one per registered positional scheme (roformer.positional.SCHEMES, the
 with pos=<name>, in the file's pos_order, then any other by name), then the ones it names (rope+linear: RoPE with
 linear attention), all with
 the preset's shape, data and token budget. A preset, configs/study/<preset>.yaml (cpu, quick, gpu), names the
-experiment every run trains (configs/experiment/), the seeds, and evaluate.py's eval.* settings. Each run goes
+experiment every run trains (configs/experiment/), the seeds, and evaluate.py's eval.* settings; a task preset
+(generalization) also names the algorithmic tasks every variant trains on (data.task=<task>, run folders
+task=<task>,...) and how many runs train at once (jobs, each with CPUs // jobs threads and its own log). Each run goes
 to <out>/runs/<overrides> (a run that already has its last checkpoint is not trained again, so rerunning
 continues a study). Then evaluate.py scores every checkpoint with the three protocols at the preset's lengths,
 plus PI, NTK, dynamic NTK and YaRN on the RoPE checkpoints, and <out>/eval holds results.{json,csv,md}, the plots

@@ -286,6 +286,23 @@ def test_the_generalization_preset_trains_every_scheme_on_every_task():
         "eval.task_examples=200", "logger=none", "logger.tags=[tasks,gen]", "hydra.run.dir='/studies/gen/eval'"]
 
 
+@pytest.mark.parametrize("old,new,message", [
+    ("tasks: [copy,", "tasks: [lego,", "configs/study/generalization.yaml: tasks: ['lego'] are not tasks; choose from "
+                                       "['copy', 'reverse', 'addition', 'sorting', 'parity', 'summation', "),
+    ("jobs: 2", "jobs: 0", "configs/study/generalization.yaml: jobs=0: run at least 1 training run at once"),
+])  # fmt: skip
+def test_a_bad_task_preset_fails_in_one_line(tmp_path, monkeypatch, old, new, message):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    path = configs / "study" / "generalization.yaml"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    monkeypatch.setattr(run_study, "CONFIGS", configs)
+    with pytest.raises(ValueError) as e:
+        run_study.load_study("generalization")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_jobs_run_at_once_each_with_its_own_log(tmp_path, monkeypatch):
     """--jobs 2: two training commands are in flight together (each waits until the other has started), each logs
     to <out>/logs/<run>.log, and the record keeps the runs' order."""
