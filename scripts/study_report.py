@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from roformer.extension_report import EXTENSION_PLOT  # noqa: E402
 from roformer.files import atomic_write  # noqa: E402
 from roformer.study_report import write_report  # noqa: E402
+from roformer.task_report import PLOT as TASK_PLOT  # noqa: E402
+from roformer.task_report import TASK_CSV  # noqa: E402
 
 PUBLISHED = ("report.md", "results.md", "results.csv", "ppl_ratio.png", "ppl_vs_length.png", "ppl_ratio_vs_length.png",
-             "per_position.png", EXTENSION_PLOT)  # fmt: skip
+             "per_position.png", EXTENSION_PLOT, TASK_PLOT, TASK_CSV)  # fmt: skip
 
 
 def main() -> int:

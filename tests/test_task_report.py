@@ -31,6 +31,9 @@ def rows(acc=ACC, variant=lambda f: f) -> list[dict]:
 
 def test_scenarios_are_every_task_and_bin_beyond_the_training_lengths():
     assert scenarios(rows()) == [("copy", b) for b in BINS[1:]] + [("parity", b) for b in BINS[1:]]
+    assert scenarios(rows(), up_to=2) == [("copy", (6, 10)), ("parity", (6, 10))]  # up to 2 L, as the paper tests
+    assert scenarios(rows(), up_to=3) == [("copy", (6, 10)), ("copy", (11, 15)), ("parity", (6, 10)),
+                                          ("parity", (11, 15))]
 
 
 def test_mrr_ranks_each_scenario_by_the_mean_over_seeds_ties_sharing_the_better_rank():
@@ -39,8 +42,12 @@ def test_mrr_ranks_each_scenario_by_the_mean_over_seeds_ties_sharing_the_better_
     # parity 6-10: rope 0.7 first, nope 0.5 = alibi 0.5 second; 11-15: rope, then nope = alibi; 16-20: rope 0.5 =
     # nope 0.5 first, alibi third
     mrr = mean_reciprocal_rank(rows(), ["nope", "rope", "alibi"])
-    assert mrr == pytest.approx({"nope": (1 + 1 + 1 + 0.5 + 0.5 + 1) / 6, "rope": (1 / 3 + 1 / 3 + 1 / 3 + 1 + 1 + 1) / 6,
-                                 "alibi": (1 + 1 + 1 + 0.5 + 0.5 + 1 / 3) / 6})  # fmt: skip
+    assert mrr == pytest.approx({"nope": (1 + 1 + 1 + 0.5 + 0.5 + 1) / 6,
+                                 "rope": (1 / 3 + 1 / 3 + 1 / 3 + 1 + 1 + 1) / 6,
+                                 "alibi": (1 + 1 + 1 + 0.5 + 0.5 + 1 / 3) / 6})
+    # up to 2 L: copy 6-10 (nope = alibi first, rope third) and parity 6-10 (rope first, nope = alibi second)
+    assert mean_reciprocal_rank(rows(), ["nope", "rope", "alibi"], up_to=2) == pytest.approx(
+        {"nope": (1 + 0.5) / 2, "rope": (1 / 3 + 1) / 2, "alibi": (1 + 0.5) / 2})
     # among two only, the third does not count
     assert mean_reciprocal_rank(rows(), ["rope", "alibi"]) == pytest.approx(
         {"rope": (0.5 + 0.5 + 0.5 + 1 + 1 + 1) / 6, "alibi": (1 + 1 + 1 + 0.5 + 0.5 + 0.5) / 6})
@@ -73,7 +80,10 @@ def test_write_report_of_a_task_study(tmp_path):
     report = write_report(tmp_path)
     text = report.read_text()
     assert report == tmp_path / "eval" / "report.md" and (tmp_path / "eval" / "task_accuracy.png").stat().st_size
-    assert "Over 6 scenarios: 2 tasks" in text
-    for f in ("nope", "rope", "alibi"):
-        assert f"| {PAPER_MRR[f]:.2f} |" in text
-    assert "Paper's order: NoPE > ALiBi > Rotary. Ours: NoPE > ALiBi > Rotary." in text
+    lines = (tmp_path / "eval" / "task_accuracy.csv").read_text().splitlines()
+    assert lines[0] == "task,scheme,bin_lo,bin_hi,seeds,mean,std,per_seed" and len(lines) == 1 + 6 * 4
+    assert "copy,rope,1,5,2,0.9500,0.0500,1.0000 0.9000" in lines
+    assert "Up to 2 L, as far as the paper tests: 2 (2 tasks); up to the last bin: 6." in text
+    assert f"| NoPE (nope) | {PAPER_MRR['nope']:.2f} | 0.75 | 0.83 |" in text
+    assert f"| Rotary (rope) | {PAPER_MRR['rope']:.2f} | 0.67 | 0.67 |" in text
+    assert "Paper's order: NoPE > ALiBi > Rotary. Ours up to 2 L: NoPE = ALiBi > Rotary." in text
