@@ -12,7 +12,7 @@ evaluates everything at lengths L to 32 L. Its variants, as :func:`roformer.eval
 Its tables hold perplexity per token, not ratios to L: a fine-tuned model is another model than its base, so each
 one's ratio to its own perplexity at its own training length would not compare. Mean ± std over seeds, the lowest
 mean at each length in bold. A row's kind and method come from its fields (``fine_tuned``, ``rope_scaling``,
-``train_scaling``), not from its name (files written before the fields: :func:`roformer.reporting.row_fine_tuned`).
+``train_scaling``), not from its name (files written before the fields: :func:`roformer.result_rows.row_fine_tuned`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from roformer.reporting import (
     aggregate,
     new_figure,
     plain_log_axes,
-    row_fine_tuned,
     save_fig,
     series_over_seeds,
 )
+from roformer.result_rows import row_fine_tuned
 
 SCALINGS = tuple(k.value for k in RopeScaling if k != RopeScaling.none)  # the RoPE scaling methods
 EXTENSION_PLOT = "extension_ppl.png"

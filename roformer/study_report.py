@@ -22,7 +22,8 @@ import numpy as np
 
 from roformer.extension_report import EXTENSION_PLOT, extension_markdown, is_extension, plot_extension
 from roformer.files import atomic_write
-from roformer.reporting import aggregate, has_ratios, plot_ppl_ratio, row_family
+from roformer.reporting import aggregate, has_ratios, plot_ppl_ratio
+from roformer.result_rows import row_family
 from roformer.task_report import write_task_report
 
 # Press, Smith & Lewis (2022), "Train Short, Test Long" (ALiBi): the WikiText-103 extrapolation results (Figure 1
@@ -130,7 +131,7 @@ def _order(variants: list[str], stats: dict, last: float, family: dict[str, str]
 
 
 def _families(rows: list[dict]) -> dict[str, str]:
-    """variant -> its family (reporting.row_family)."""
+    """variant -> its family (result_rows.row_family)."""
     return {r["variant"]: row_family(r) for r in rows}
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from roformer.files import atomic_write
-from roformer.reporting import new_figure, row_family, save_fig
+from roformer.reporting import new_figure, save_fig
+from roformer.result_rows import row_family
 
 # Kazemnejad et al. 2023 (NeurIPS, arXiv 2305.19466), Fig. 1: MRR over their 10 tasks, higher is better. Our
 # scheme names; the paper's APE is the sinusoidal one (their §3).

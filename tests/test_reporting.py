@@ -6,15 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from roformer.reporting import (
-    _panels,
-    ppl_ratio_figure,
-    ratio_clip,
-    row_base_variant,
-    row_family,
-    row_fine_tuned,
-    variant_family,
-)
+from roformer.reporting import _panels, ppl_ratio_figure, ratio_clip
+from roformer.result_rows import row_base_variant, row_family, row_fine_tuned, variant_family
 from roformer.study_report import _order
 
 L = 128

@@ -16,7 +16,8 @@ from roformer.extension_report import extension_markdown
 from roformer.logger import EVAL_TASK_STEP, LoggerConfig, task_history, task_summary
 from roformer.positional import PosConfig, RopeScaling
 from roformer.probe_report import sections_markdown, sections_terminal
-from roformer.reporting import add_ratios, markdown, scored_line, terminal_summary, variant_family
+from roformer.reporting import add_ratios, markdown, scored_line, terminal_summary
+from roformer.result_rows import variant_family
 from roformer.study_report import study_markdown
 from roformer.training import train
 
