@@ -188,7 +188,7 @@ def test_prepare_generates_in_memory_deterministically_and_writes_nothing(tmp_pa
 
 @pytest.fixture(scope="module")
 def addition():
-    return prepare(DataConfig(name="task", task="addition", task_train_size=2000, task_val_size=64))
+    return prepare(DataConfig(name="task", task="addition", task_max_len=8, task_train_size=2000, task_val_size=64))
 
 
 def test_loss_positions_are_exactly_the_answer_and_end_of_example(addition):
