@@ -1,7 +1,7 @@
 """The report of an algorithmic-task study (``scripts/run_study.py --preset generalization``): exact match per
 instance-length bin, per task and scheme, and the schemes' mean reciprocal rank beside Kazemnejad et al. (2023).
 
-Input: the ``tasks`` rows of results.json (:mod:`roformer.reporting` documents them). Seeds of one variant family
+Input: the ``tasks`` rows of results.json (:mod:`roformer.result_rows` documents them). Seeds of one variant family
 (``row_family``: ``learned-16L`` is shown as ``learned``) are averaged; a bin whose examples a model cannot read
 (past a learned position table) counts as accuracy 0 in the ranking and shows as n/a in the tables.
 
@@ -138,8 +138,8 @@ def mrr_tables(rows: list[dict]) -> list[str]:
     five = [f for f in PAPER_MRR if f in fams]
     n_near, n_all = len(scenarios(rows, PAPER_MULT)), len(scenarios(rows))
     out = [f"Scenarios: each task's test bins beyond L. Up to {PAPER_MULT} L, as far as the paper tests: {n_near} "
-           f"({len(tasks_of(rows))} tasks); up to the last bin: {n_all}. Far beyond L most scenarios are at chance "
-           "for every scheme (parity's 50%, summation's 10%), so their ranks are noise.", ""]
+           f"({len(tasks_of(rows))} tasks); up to the last bin: {n_all}. Far beyond L most scenarios are at zero or "
+           "at chance for every scheme, so their ranks are mostly noise.", ""]
     if five:
         near, far = mean_reciprocal_rank(rows, five, PAPER_MULT), mean_reciprocal_rank(rows, five)
         out += [f"| scheme | paper (Fig. 1, 10 tasks, up to 2 L) | ours, up to {PAPER_MULT} L | ours, every bin |",
