@@ -362,20 +362,21 @@ def variant_name(ck: dict, train_len: int) -> str:
     return identity(ck, train_len).name()
 
 
-def _checkpoint_record(pl: Plan, data_cfg: DataConfig, stream: np.ndarray, n_docs: int) -> dict:
+def _checkpoint_record(pl: Plan, data_cfg: DataConfig, train_len: int, **extra) -> dict:
+    """A checkpoint's entry in ``results["checkpoints"]``: where it is, its identity fields, its configs, and
+    ``extra`` (a corpus checkpoint's split size, a task checkpoint's task)."""
     ck = pl.ckpt
     return {
         "label": pl.label,
         "path": str(pl.path),
         **identity(ck, pl.train_len).fields(),
-        "train_len": pl.train_len,
+        "train_len": train_len,
         "step": ck.get("step"),
         "tokens_seen": ck.get("tokens_seen"),
         "group": (ck["train_cfg"].get("logger") or {}).get("group"),
         "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]},
         "data": to_plain(data_cfg),
-        "split_tokens": int(len(stream)),
-        "split_docs": n_docs,
+        **extra,
     }
 
 
@@ -411,14 +412,8 @@ def _score_task_checkpoint(pl: Plan, s: EvalSettings, device, results: dict) -> 
     nothing). Scored as trained, without RoPE scalings; a row's ``length`` is its bin's upper bound."""
     dc = DataConfig(**pl.ckpt["data_cfg"])
     model = model_from_checkpoint(pl.ckpt).to(device)
-    ident = identity(pl.ckpt, pl.train_len)
-    ck = pl.ckpt
-    results["checkpoints"].append({
-        "label": pl.label, "path": str(pl.path), **ident.fields(), "task": dc.task, "train_len": dc.task_max_len,
-        "step": ck.get("step"), "tokens_seen": ck.get("tokens_seen"),
-        "group": (ck["train_cfg"].get("logger") or {}).get("group"),
-        "config": {"model": ck["model_cfg"], "pos": ck["pos_cfg"], "train": ck["train_cfg"]}, "data": to_plain(dc),
-    })  # fmt: skip
+    ident, ck = identity(pl.ckpt, pl.train_len), pl.ckpt
+    results["checkpoints"].append(_checkpoint_record(pl, dc, dc.task_max_len, task=dc.task))
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
         rows = score_task(model, toklib.from_json(ck["tokenizer_json"]), dc.task, checkpoint_bins(dc),
                           n_per_bin=s.task_examples, seed=dc.task_seed, device=device)
@@ -441,7 +436,8 @@ def _score_plans(plans: list[Plan], shares: list[Share], s: EvalSettings, device
                dynamic_ncols=True)
     t_start, done = time.perf_counter(), 0
     for i, (pl, sh) in enumerate(zip(plans, shares, strict=True)):
-        record = _checkpoint_record(pl, sh.data_cfg, sh.split.tokens, sh.split.n_docs)
+        record = _checkpoint_record(pl, sh.data_cfg, pl.train_len, split_tokens=int(len(sh.split.tokens)),
+                                    split_docs=sh.split.n_docs)
         results["checkpoints"].append(record)
 
         def on_cell(cell, pl=pl, sh=sh):

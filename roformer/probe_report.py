@@ -9,6 +9,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from roformer.result_rows import task_values
+
 ABOUT = {
     "passkey": "Passkey retrieval (Mohtashami & Jaggi 2023): a random 5-digit key in filler text at a depth (the "
                "fraction of the filler before it); L: the most positions a trial reads (the prompt, then the answer).",
@@ -140,9 +142,7 @@ def task_table(results: dict, markdown: bool) -> str:
     """Task checkpoints (rows of ``results["tasks"]``, roformer/tasks.py): exact match of greedy decoding per length
     bin, a row per task and variant (mean over seeds), the bins as columns; n/a past a learned position table."""
     rows = results.get("tasks") or []
-    by: dict = defaultdict(list)
-    for r in rows:
-        by[(r["task"], r["variant"], (r["bin_lo"], r["bin_hi"]))].append(r["value"])
+    by = task_values(rows, lambda r: r["variant"])
     bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in rows})
     keys = list(dict.fromkeys((r["task"], r["variant"]) for r in rows))
     seeds = {k: len({r["seed"] for r in rows if (r["task"], r["variant"]) == k}) for k in keys}

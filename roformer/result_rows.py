@@ -34,6 +34,9 @@ as empty.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
+
 
 def variant_family(variant: str) -> str:
     """The family a variant's *name* says it belongs to, for result files written before rows had a ``family``:
@@ -65,4 +68,13 @@ def row_base_variant(row: dict) -> str:
     return v[: -len(m) - 1] if m != "none" and v.endswith("+" + m) else v
 
 
-__all__ = ["row_base_variant", "row_family", "row_fine_tuned", "variant_family"]
+def task_values(rows: list[dict], name: Callable[[dict], str]) -> dict[tuple[str, str, tuple[int, int]], list]:
+    """Task rows -> (task, ``name(row)``, (bin_lo, bin_hi)) -> each seed's value (None: the bin was not readable),
+    e.g. ``name=row_family`` to put a study's seeds and siblings together."""
+    out: dict = defaultdict(list)
+    for r in rows:
+        out[(r["task"], name(r), (r["bin_lo"], r["bin_hi"]))].append(r["value"])
+    return dict(out)
+
+
+__all__ = ["row_base_variant", "row_family", "row_fine_tuned", "task_values", "variant_family"]

@@ -19,14 +19,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from roformer.files import atomic_write
 from roformer.reporting import new_figure, save_fig
-from roformer.result_rows import row_family
+from roformer.result_rows import row_family, task_values
 
 # Kazemnejad et al. 2023 (NeurIPS, arXiv 2305.19466), Fig. 1: MRR over their 10 tasks, higher is better. Our
 # scheme names; the paper's APE is the sinusoidal one (their §3).
@@ -42,10 +41,7 @@ Bin = tuple[int, int]
 
 def accuracy(rows: list[dict]) -> dict[tuple[str, str, Bin], list[float | None]]:
     """(task, family, bin) -> the accuracy of each seed (None: the model could not read the bin)."""
-    out: dict = defaultdict(list)
-    for r in rows:
-        out[(r["task"], row_family(r), (r["bin_lo"], r["bin_hi"]))].append(r["value"])
-    return dict(out)
+    return task_values(rows, row_family)
 
 
 def _mean(values: list[float | None]) -> float:
