@@ -14,6 +14,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from roformer.config import to_config
@@ -46,6 +47,20 @@ def test_groups_have_the_options_the_cli_contract_promises():
     assert {"wandb", "none"} == set(options("logger"))
     assert "fast" in options("debug")
     assert options("experiment")
+
+
+def test_data_task_brings_its_tiny_model_and_schedule_and_keys_still_override_them():
+    task = to_config(compose("data=task", "data.task=reverse"))
+    assert (task.model.n_layer, task.model.n_head, task.model.d_model) == (2, 4, 128)
+    assert (task.optim.lr, task.optim.warmup_steps) == (1e-3, 100)
+    assert (task.trainer.max_steps, task.trainer.batch_size, task.trainer.threads) == (1000, 64, 1)
+    assert task.logger.tags == ["task"]
+    assert to_config(compose("experiment=task", "data.task=reverse")) == task  # the study's name for the same run
+    tuned = to_config(compose("data=task", "model.d_model=256", "optim.lr=3e-3", "trainer.max_steps=7"))
+    assert (tuned.model.d_model, tuned.optim.lr, tuned.trainer.max_steps) == (256, 3e-3, 7)
+    corpus, small = to_config(compose()), OmegaConf.load(CONFIGS / "model" / "small.yaml")
+    assert (corpus.model.n_layer, corpus.model.d_model) == (small.n_layer, small.d_model)  # other data: no preset
+    assert corpus.optim.lr != task.optim.lr and corpus.trainer.max_steps != task.trainer.max_steps
 
 
 def _has_submitit() -> bool:

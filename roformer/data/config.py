@@ -78,8 +78,9 @@ class DataConfig:
     """data=task: seed of every generated example (training, validation, test and the scored length bins)."""
     task_max_len: int | None = None
     """data=task: L, the longest training instance in the task's unit (words, digits per operand, numbers, bits,
-    terms, pairs); null: the task's default (20 for copy, reverse, sorting, associative_recall; 8 for addition,
-    summation, parity), written back so that checkpoints record it."""
+    terms, pairs); null: the task's default (roformer.data.tasks.Task.default_max_len: 10 for copy, reverse,
+    sorting; 5 for parity; 4 for summation and associative_recall; 2 for addition), written back so that
+    checkpoints record it."""
     task_test_max_mult: int = 4
     """data=task: the test length bins 1..L, L+1..2L, ... reach this many times L."""
     task_train_size: int = 100_000

@@ -69,7 +69,7 @@ class Task:
     unit: str
     """What the instance length counts."""
     default_max_len: int
-    """L when data.task_max_len is null: what configs/experiment/task.yaml's tiny model learns to >= 90% exact match
+    """L when data.task_max_len is null: what configs/data_preset/task.yaml's tiny model learns to >= 90% exact match
     in distribution within its steps (docs/generalization/ has the figures); the paper's L is 20 (8 for the
     math tasks), for a 12-layer model trained 40K steps."""
     words: tuple[str, ...]
