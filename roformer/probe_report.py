@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from roformer.data.tasks import TASKS
 from roformer.result_rows import task_values
 
 ABOUT = {
@@ -140,27 +141,35 @@ def probe_terminal(results: dict) -> str:
 
 def task_table(results: dict, markdown: bool) -> str:
     """Task checkpoints (rows of ``results["tasks"]``, roformer/tasks.py): exact match of greedy decoding per length
-    bin, a row per task and variant (mean over seeds), the bins as columns; n/a past a learned position table."""
+    bin, a table per task (each has its own L and unit, so its own bins) with a row per variant (mean over seeds)
+    and the bins as columns; n/a past a learned position table."""
     rows = results.get("tasks") or []
     by = task_values(rows, lambda r: r["variant"])
-    bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in rows})
-    keys = list(dict.fromkeys((r["task"], r["variant"]) for r in rows))
-    seeds = {k: len({r["seed"] for r in rows if (r["task"], r["variant"]) == k}) for k in keys}
 
     def cell(vals) -> str:
         if not vals or any(v is None for v in vals):
             return "n/a"
         return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals):.3f}" if len(vals) > 1 else "")
 
-    head = ["task", "variant", "seeds", *(f"{lo}-{hi}" for lo, hi in bins)]
-    table = [head] + [[t, v, str(seeds[(t, v)]), *(cell(by.get((t, v, b))) for b in bins)] for t, v in keys]
     title = "exact match of greedy decoding per instance-length bin (the task's unit), mean over seeds"
-    if markdown:
-        return "\n".join([f"## Tasks: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                          *("| " + " | ".join(r) + " |" for r in table[1:])]) + "\n"
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    return "\n".join([title, *("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
-                                         enumerate(zip(r, widths, strict=True))).rstrip() for r in table)])
+    out = [f"## Tasks: {title}"] if markdown else [title]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in mine})
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        trained = ", ".join(f"1-{n}" for n in sorted({r["train_len"] for r in mine}))
+        caption = f"{task}: trained on {trained} {TASKS[task].unit}" if task in TASKS else task
+        head = ["variant", "seeds", *(f"{lo}-{hi}" for lo, hi in bins)]
+        table = [head] + [[v, str(len({r["seed"] for r in mine if r["variant"] == v})),
+                           *(cell(by.get((task, v, b))) for b in bins)] for v in variants]
+        if markdown:
+            out += ["", f"### {caption}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                    *("| " + " | ".join(r) + " |" for r in table[1:])]
+            continue
+        widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+        out += [caption, *("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                                            enumerate(zip(r, widths, strict=True))).rstrip() for r in table)]
+    return "\n".join(out) + ("\n" if markdown else "")
 
 
 def sections_markdown(results: dict) -> str:

@@ -100,7 +100,9 @@ def markdown(results: dict) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
-    train_lens = sorted({c["train_len"] for c in results["checkpoints"]})
+    train_lens = sorted({c["train_len"] for c in results["checkpoints"] if "task" not in c})  # a task's L: its unit
+    if not rows:  # task checkpoints only: nothing in tokens
+        return "# Evaluation results\n\n" + sections_markdown(results).lstrip("\n")
     seeds = defaultdict(set)
     for r in rows:
         seeds[r["variant"]].add(r["seed"])
@@ -133,11 +135,8 @@ def markdown(results: dict) -> str:
             cells = []
             for L in lengths:
                 a = agg.get((v, protocol, L))
-                cells.append(
-                    f"{a['ratio_mean']:.2f}×"
-                    if a and a["ratio_mean"] is not None
-                    else ("n/a" if a and a["status"] == "n/a" else "")
-                )
+                cells.append(f"{a['ratio_mean']:.2f}×" if a and a["ratio_mean"] is not None
+                             else ("n/a" if a and a["status"] == "n/a" else ""))
             out.append(f"| {v} | " + " | ".join(cells) + " |")
     bpb = [r for r in rows if r["status"] == "ok" and r["length"] == r["train_len"]]
     if bpb:

@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 # A tiny model that trains in well under a second per scheme (fp32 so bit-exact checks do not depend on the CPU).
+# The shape is repeated by key because data=task's preset (configs/data_preset/task.yaml) sets it by key.
 TINY = [
-    "model=tiny", "logger=none", "trainer.seq_len=32", "trainer.batch_size=8", "trainer.max_steps=20",
+    "model=tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64",
+    "logger=none", "trainer.seq_len=32", "trainer.batch_size=8", "trainer.max_steps=20",
     "trainer.eval_interval=10", "trainer.eval_iters=2", "trainer.log_interval=1", "trainer.progress=false",
     "trainer.precision=fp32", "optim.warmup_steps=2", "optim.lr=1e-2",
 ]

@@ -348,6 +348,6 @@ def test_evaluate_scores_a_task_checkpoint_by_exact_match_per_bin(tmp_path, caps
     assert bins == [(1, 4), (5, 8), (9, 12), (13, 16)]
     assert all(r["task"] == "parity" and r["n"] == 20 and r["value"] == r["n_correct"] / 20 for r in res["tasks"])
     md = (tmp_path / "eval" / "results.md").read_text()
-    assert "## Tasks: exact match" in md and "| parity | rope | 1 |" in md
+    assert "## Tasks: exact match" in md and "### parity: trained on 1-4 bits" in md and "| rope | 1 |" in md
     text = terminal_summary(res)
     assert "exact match of greedy decoding per instance-length bin" in text and "1-4" in text and "13-16" in text
