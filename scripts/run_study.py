@@ -92,6 +92,8 @@ class Preset:
     # algorithmic tasks (roformer/data/tasks.py): every variant is trained on each, with data.task=<task>; empty:
     # the experiment's own corpus
     tasks: list[str] = field(default_factory=list)
+    # task -> train.py overrides of that task's runs only (a task that needs more steps than the others)
+    task_overrides: dict[str, list[str]] = field(default_factory=dict)
     # the registered schemes only, without configs/run_study.yaml's named variants (rope+linear, learned-32L, ...)
     schemes_only: bool = False
     # training runs at once, each with trainer.threads = CPUs // jobs; 1: one after another
@@ -106,6 +108,10 @@ class Preset:
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown:
             raise ValueError(f"tasks: {unknown} are not tasks; choose from {list(TASK_NAMES)}")
+        stray = [t for t in self.task_overrides if t not in self.tasks]
+        if stray:
+            raise ValueError(f"task_overrides: {stray} are not in this preset's tasks {self.tasks}; "
+                             "override only a task the study trains")
         if self.jobs < 1:
             raise ValueError(f"jobs={self.jobs}: run at least 1 training run at once")
         try:  # a wrong key, type or value fails now, not after hours of training
@@ -265,7 +271,7 @@ def train_runs(
                     "train.py",
                     f"experiment={study.preset.experiment}",
                     *study.overrides(v, seed, base_folder(study)),
-                    *([f"data.task={task}"] if task else []),
+                    *([f"data.task={task}", *study.preset.task_overrides.get(task, [])] if task else []),
                     f"seed={seed}",
                     f"logger={logger}",
                     f"logger.group={group}-{label}",

@@ -209,6 +209,8 @@ def test_a_bad_argument_fails_in_one_line_before_any_work(tmp_path, monkeypatch,
     ("run_study.yaml", "rope+linear:", "rope:", "variants: ['rope'] already name positional schemes"),
     ("study/generalization.yaml", "tasks: [copy,", "tasks: [lego,", "configs/study/generalization.yaml: tasks: "
      "['lego'] are not tasks; choose from ['copy', 'reverse', 'addition', 'sorting', 'parity', 'summation', "),
+    ("study/generalization.yaml", "task_overrides: {reverse:", "task_overrides: {addition:",
+     "configs/study/generalization.yaml: task_overrides: ['addition'] are not in this preset's tasks ['copy', "),
     ("study/generalization.yaml", "jobs: 2", "jobs: 0",
      "configs/study/generalization.yaml: jobs=0: run at least 1 training run at once"),
 ])  # fmt: skip
@@ -285,6 +287,8 @@ def test_the_generalization_preset_trains_every_scheme_on_every_task():
         PY, "train.py", "experiment=task", "pos=nope", "data.task=copy", "seed=0", "logger=none",
         "logger.group=gen-copy-nope", "logger.tags=[tasks,gen]", "logger.name=copy-nope-seed0",
         "trainer.progress=false", "trainer.threads=1", "hydra.run.dir='/studies/gen/runs/task=copy,pos=nope,seed=0'"]
+    reverse = run_study.train_runs(study, ["nope"], [0], out, "none", [], ["reverse"])[0][2]
+    assert reverse[4:6] == ["data.task=reverse", "trainer.max_steps=2000"]  # task_overrides: that task's runs only
     assert run_study.eval_command(study, out, "none", [0]) == [
         PY, "evaluate.py", "ckpt=['/studies/gen/runs']", "eval.progress=false", "eval.bf16=true",
         "eval.task_examples=200", "logger=none", "logger.tags=[tasks,gen]", "hydra.run.dir='/studies/gen/eval'"]
