@@ -39,6 +39,7 @@ def test_the_check_runs_and_bad_input_fails_in_one_line(capsys):
     assert ic.main(["--steps", "2", "--every", "1", "--pairs", "2", "--queries", "2", "--", "pos=alibi"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pos=alibi, 2 layers, d_model 128") and "not reached in 2 steps" in out
+    assert "picking any value of the sequence scores 0.550" in out  # 1/2 + (1/2)(1/10): values repeat
     assert len([line for line in out.splitlines() if line.strip().split()[0].isdigit()]) == 2
     for argv, message in ((["--queries", "3", "--pairs", "2"], "--queries=3 must be in 1..2"),
                           (["--", "model.d_modl=3"], "do not make a train.py config")):
