@@ -15,7 +15,7 @@ at the composed lr and weight decay, constant (no warmup or decay), in fp32 on o
 
 What it showed (docs/generalization/README.md, "Associative recall"): RoPE's tiny model passes 90% with 4 pairs and
 4 queries within 750-1,250 steps (3 seeds), but not with one query per sequence, nor with a --bos or --sep token,
-within 3,000 steps (6,000 for --sep): one token that is the same in every sequence is enough to stall it.
+within 3,000 steps (nor 6,000 for --sep and for --bos --seed 1): one token that is the same in every sequence is enough to stall it.
 """
 
 from __future__ import annotations
