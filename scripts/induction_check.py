@@ -8,14 +8,16 @@ previous-token head feeding a matching head) that the associative_recall task an
 Each sequence is n key-value pairs, then queries: ``[BOS] k1 v1 k2 v2 ... kn vn [SEP] q1 a1 q2 a2 ...``. Keys are
 n distinct ids of 100, values one of 10 ids (repeats allowed), each query one of the sequence's keys (distinct, in
 random order) and its answer that key's value: the loss and the accuracy are on the answers only, which need the
-lookup (a model that picks any of the n values of the sequence gets 1/n + (1 - 1/n)/10: values repeat). Fresh sequences every step; a fixed set of
-1000 held-out sequences is scored every --every steps. The model and positional scheme are train.py's, composed
-from configs/ with data=task (configs/data_preset/task.yaml) and the overrides after ``--``; the optimiser is AdamW
-at the composed lr and weight decay, constant (no warmup or decay), in fp32 on one thread unless --threads.
+lookup (a model that picks any of the n values of the sequence gets 1/n + (1 - 1/n)/10: values repeat). Fresh
+sequences every step; a fixed set of 1000 held-out sequences is scored every --every steps. The model and
+positional scheme are train.py's, composed from configs/ with data=task (configs/data_preset/task.yaml) and the
+overrides after ``--``; the optimiser is AdamW at the composed lr, betas and weight decay, constant (no warmup or
+decay), in fp32 on one thread unless --threads.
 
 What it showed (docs/generalization/README.md, "Associative recall"): RoPE's tiny model passes 90% with 4 pairs and
 4 queries within 750-1,250 steps (3 seeds), but not with one query per sequence, nor with a --bos or --sep token,
-within 3,000 steps (nor 6,000 for --sep and for --bos --seed 1): one token that is the same in every sequence is enough to stall it.
+within 3,000 steps (nor in 6,000 for --sep, and for --bos with seed 1): one token that is the same in every
+sequence is enough to stall it.
 """
 
 from __future__ import annotations
