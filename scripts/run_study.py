@@ -14,9 +14,9 @@ linear attention), all with
 the preset's shape, data and token budget. A preset, configs/study/<preset>.yaml (cpu, quick, gpu), names the
 experiment every run trains (configs/experiment/), the seeds, and evaluate.py's eval.* settings; a task preset
 (generalization) also names the algorithmic tasks every variant trains on (data.task=<task>, run folders
-task=<task>,...) and how many runs train at once (jobs, each with CPUs // jobs threads and its own log). Each run goes
-to <out>/runs/<overrides> (a run that already has its last checkpoint is not trained again, so rerunning
-continues a study). Then evaluate.py scores every checkpoint with the three protocols at the preset's lengths,
+task=<task>,...; task_overrides: a task's own train.py overrides) and how many runs train at once (jobs, each with
+CPUs // jobs threads and its own log). Each run goes to <out>/runs/<overrides> (a run that already has its last
+checkpoint is not trained again, so rerunning continues a study). Then evaluate.py scores every checkpoint with the three protocols at the preset's lengths,
 plus PI, NTK, dynamic NTK and YaRN on the RoPE checkpoints, and <out>/eval holds results.{json,csv,md}, the plots
 and report.md (scripts/study_report.py: ratio tables with mean ± std, the ALiBi paper's ratios beside ours,
 fixed-target against nonoverlapping). <out>/study.json records the command, commit, machine and wall times.
