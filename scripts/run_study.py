@@ -18,8 +18,9 @@ task=<task>,...; task_overrides: a task's own train.py overrides) and how many r
 CPUs // jobs threads and its own log). Each run goes to <out>/runs/<overrides> (a run that already has its last
 checkpoint is not trained again, so rerunning continues a study). Then evaluate.py scores every checkpoint
 with the three protocols at the preset's lengths, plus PI, NTK, dynamic NTK and YaRN on the RoPE checkpoints, and
-<out>/eval holds results.{json,csv,md}, the plots and report.md (scripts/study_report.py: ratio tables with mean ± std, the ALiBi paper's ratios beside ours,
-fixed-target against nonoverlapping). <out>/study.json records the command, commit, machine and wall times.
+<out>/eval holds results.{json,csv,md}, the plots and report.md (scripts/study_report.py: ratio tables with
+mean ± std, the ALiBi paper's ratios beside ours, fixed-target against nonoverlapping). <out>/study.json records the
+command, commit, machine and wall times.
 wandb: one group per scheme, <study>-<variant> (its seeds side by side, or averaged with a band in wandb's
 grouped view), each checkpoint's eval run in its training run's group, and every run tagged with the study's
 name (the folder's).
