@@ -273,6 +273,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # real CLI processes, 13-27 s: CI's slow step runs it
 def test_cli_exports_and_refuses_with_one_line(tmp_path, tokenizer):
     make_ckpt(tmp_path / "run" / "checkpoints" / "last.pt", tokenizer, {}, {"name": "rope"})
     make_ckpt(tmp_path / "alibi.pt", tokenizer, {}, {"name": "alibi"})

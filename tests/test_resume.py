@@ -252,6 +252,7 @@ def test_leftovers_of_killed_writes_go_at_start_but_a_refused_resume_keeps_them(
 # the CLI: real train.py processes
 
 
+@pytest.mark.slow  # real CLI processes, 13-27 s: CI's slow step runs it
 def test_a_killed_run_resumed_logs_every_step_once(text_corpus, tmp_path):
     ref = _run([*CLI, *text_corpus, f"hydra.run.dir={tmp_path}/ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -278,6 +279,7 @@ def test_a_killed_run_resumed_logs_every_step_once(text_corpus, tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # real CLI processes, 13-27 s: CI's slow step runs it
 def test_a_refused_resume_changes_nothing_and_an_override_is_recorded_in_train_log(text_corpus, tmp_path):
     run = tmp_path / "run"
     common = [*CLI, *text_corpus, "trainer.max_steps=6", "trainer.eval_interval=3", f"hydra.run.dir={run}"]
