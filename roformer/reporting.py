@@ -96,13 +96,13 @@ def _cell_text(a: dict) -> str:
 
 def markdown(results: dict) -> str:
     rows = results["results"]
+    if not rows:  # task checkpoints only: nothing in tokens
+        return "# Evaluation results\n\n" + sections_markdown(results).lstrip("\n")
     agg = aggregate(rows)
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     train_lens = sorted({c["train_len"] for c in results["checkpoints"] if "task" not in c})  # a task's L: its unit
-    if not rows:  # task checkpoints only: nothing in tokens
-        return "# Evaluation results\n\n" + sections_markdown(results).lstrip("\n")
     seeds = defaultdict(set)
     for r in rows:
         seeds[r["variant"]].add(r["seed"])
