@@ -12,7 +12,7 @@ into plain dataclasses, once, at the entry point.
 
 Resolvers ask the positional registry: ``${schemes:}`` lists the schemes and ``${reads:NAME}`` a scheme's options
 (help pages), and a preset that every scheme trains with sets one scheme's option with ``${if_read:KEY,VALUE}``
-(:func:`if_read`).
+(:func:`if_read`). ``${task_steps:${data.task}}`` is an algorithmic task's training steps (:func:`task_steps`).
 
 ``configs/train.yaml`` lists ``train_schema`` first in its defaults, so every group option (``model/``,
 ``pos/``, ``data/``, ``optim/``, ``logger/``, ...) is merged into this typed tree; ``configs/evaluate.yaml``
@@ -49,6 +49,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from roformer.data import tasks as task_specs
 from roformer.eval_run import EvalConfig
 from roformer.files import atomic_write, check_creatable, first_line
 from roformer.positional import DEFAULTS, SCHEMES
@@ -88,9 +89,18 @@ def if_read(key: str, value, _parent_):
     return value if scheme is None or key in scheme.options else DEFAULTS[key]
 
 
+def task_steps(task: str) -> int:
+    """``trainer.max_steps: ${task_steps:${data.task}}`` (configs/data_preset/task.yaml): the steps in which the tiny
+    model learns the task (:attr:`roformer.data.tasks.Task.default_steps`). An unknown name gets the common default
+    here; DataConfig then refuses it with the choices."""
+    spec = task_specs.TASKS.get(task)
+    return task_specs.Task.default_steps if spec is None else spec.default_steps
+
+
 OmegaConf.register_new_resolver("schemes", schemes, replace=True)
 OmegaConf.register_new_resolver("reads", reads, replace=True)
 OmegaConf.register_new_resolver("if_read", if_read, replace=True)
+OmegaConf.register_new_resolver("task_steps", task_steps, replace=True)
 
 
 def _to_object(cfg: DictConfig, want: type):

@@ -157,7 +157,8 @@ def task_table(results: dict, markdown: bool) -> str:
         mine = [r for r in rows if r["task"] == task]
         bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in mine})
         variants = list(dict.fromkeys(r["variant"] for r in mine))
-        trained = ", ".join(f"1-{n}" for n in sorted({r["train_len"] for r in mine}))
+        at_max = task in TASKS and TASKS[task].train_at_max  # recall trains on exactly L
+        trained = ", ".join(f"{n}" if at_max else f"1-{n}" for n in sorted({r["train_len"] for r in mine}))
         caption = f"{task}: trained on {trained} {TASKS[task].unit}" if task in TASKS else task
         head = ["variant", "seeds", *(f"{lo}-{hi}" for lo, hi in bins)]
         table = [head] + [[v, str(len({r["seed"] for r in mine if r["variant"] == v})),

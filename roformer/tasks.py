@@ -10,9 +10,11 @@ config has ``name == "task"``; its ``data.task``, ``data.task_seed``, ``data.tas
                           seed=data_cfg.task_seed, device=device)
 
 An answer is right when greedy decoding after the prompt produces exactly its tokens and then the end-of-example
-token. That is computed in one teacher-forced forward per batch: greedy decoding reproduces the answer exactly when,
-at every answer position, the argmax of the logits after the true prefix is the true next token (by induction over
-the positions: while the output so far is right, the next greedy token is the argmax after the true prefix). So the
+token; for associative recall, whose asker supplies the keys (``Task.given``), when greedy decoding after each key
+asked gives its value. That is computed in one teacher-forced forward per batch: greedy decoding reproduces the answer
+exactly when, at every scored position (``TokenSplit.scored``), the argmax of the logits after the true prefix is the
+true next token (by induction over the positions: while the output so far is right, the next greedy token is the
+argmax after the true prefix). So the
 score is greedy decoding's, with no decoding loop, every example starting at position 0 as in
 :func:`roformer.generation.generate` (tests/test_tasks.py checks the two agree). Examples are right-padded in a
 batch; the model is causal, so padding after an example changes nothing before it. (Randomized positions,
@@ -46,7 +48,7 @@ def bin_examples(task: str, lo: int, hi: int, n: int, seed: int) -> TokenSplit:
     seed) on every machine."""
     ex = generate(task, n, lo, hi, seed, (*STREAMS["bins"], lo, hi))
     return TokenSplit(f"{task} {lo}-{hi}", ex.tokens, ex.offsets, EOD_ID, {"lengths": ex.lengths},
-                      prompt_lens=ex.prompt_lens, pad_id=PAD_ID)
+                      prompt_lens=ex.prompt_lens, pad_id=PAD_ID, scored=ex.scored)
 
 
 def _check_tokenizer(tokenizer: Tokenizer, task: str) -> None:
@@ -60,8 +62,9 @@ def _check_tokenizer(tokenizer: Tokenizer, task: str) -> None:
 
 @torch.no_grad()
 def correct(model, examples: TokenSplit, idx: np.ndarray, device) -> np.ndarray:
-    """(len(idx),) bool: whether greedy decoding after each example's prompt gives exactly its answer and EOD."""
-    x, y = (t.to(device) for t in example_batch(examples, idx))  # (B, T): y is IGNORE_INDEX off the answers
+    """(len(idx),) bool: whether greedy decoding after each example's prompt gives exactly its answer and EOD (recall:
+    each value after its key)."""
+    x, y = (t.to(device) for t in example_batch(examples, idx))  # (B, T): y is IGNORE_INDEX off the scored tokens
     logits, _ = model(x)  # (B, T, V)
     right = (logits.argmax(dim=-1) == y) | (y == IGNORE_INDEX)
     return right.all(dim=1).cpu().numpy()

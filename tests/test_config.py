@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from roformer.config import to_config
+from roformer.data.tasks import TASK_NAMES
 from roformer.positional import SCHEMES
 from roformer.runtime import Precision
 from roformer.train_config import TrainConfig
@@ -58,6 +59,11 @@ def test_data_task_brings_its_tiny_model_and_schedule_and_keys_still_override_th
     assert to_config(compose("experiment=task", "data.task=reverse")) == task  # the study's name for the same run
     tuned = to_config(compose("data=task", "model.d_model=256", "optim.lr=3e-3", "trainer.max_steps=7"))
     assert (tuned.model.d_model, tuned.optim.lr, tuned.trainer.max_steps) == (256, 3e-3, 7)
+    # the steps are each task's (Task.default_steps): recall needs three times the others'
+    steps = {t: to_config(compose("data=task", f"data.task={t}")).trainer.max_steps for t in TASK_NAMES}
+    assert steps == {t: 3000 if t == "associative_recall" else 1000 for t in TASK_NAMES}
+    recall = to_config(compose("data=task", "data.task=associative_recall", "trainer.max_steps=9"))
+    assert recall.trainer.max_steps == 9
     corpus, small = to_config(compose()), OmegaConf.load(CONFIGS / "model" / "small.yaml")
     assert (corpus.model.n_layer, corpus.model.d_model) == (small.n_layer, small.d_model)  # other data: no preset
     assert corpus.optim.lr != task.optim.lr and corpus.trainer.max_steps != task.trainer.max_steps

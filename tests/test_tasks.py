@@ -25,6 +25,7 @@ from roformer.evaluation import EvalSettings
 from roformer.generation import generate
 from roformer.logger import LoggerConfig
 from roformer.model import TransformerLM
+from roformer.probe_report import task_table
 from roformer.reporting import terminal_summary
 from roformer.tasks import bin_examples, checkpoint_bins, correct, is_task, score_task
 from roformer.training import train
@@ -34,14 +35,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models r
 # ----------------------------------------------------------------------------------------------------------
 # Formats and answers
 
-EXPECTED = {  # sample(task, 4, default_rng(0)): the formats of Kazemnejad et al. App. D.1 (recall: ours)
+EXPECTED = {  # sample(task, 4, default_rng(0)): the formats of Kazemnejad et al. App. D.1 (recall: bare multi-query)
     "copy": ("Copy the following words: wa qo ne he", "wa qo ne he"),
     "reverse": ("Reverse the following words: wa qo ne he", "he ne qo wa"),
     "addition": ("Compute: 3 6 5 2 + 8 0 0 1 ?", "The answer is 1 1 6 5 3 ."),
     "sorting": ("Sort the following numbers: 85 63 51 26", "The answer is 26 51 63 85 ."),
     "parity": ("Is the number of 1's even in [ 1 1 1 0 ] ?", "The answer is No ."),
     "summation": ("Compute: 8 + 6 + 5 + 2 ?", "The answer is 1 ."),
-    "associative_recall": ("Remember: he 0 na 1 vi 8 qi 6 . What is qi ?", "The answer is 6 ."),
+    "associative_recall": ("he 0 na 1 vi 8 qi 6", "he 0 vi 8 qi 6 na 1"),
 }
 
 
@@ -51,8 +52,9 @@ def test_every_task_has_its_exact_format_for_a_fixed_seed():
         assert T.sample(task, 4, np.random.default_rng(0)) == want, task
 
 
-def solve(task: str, prompt: str) -> tuple[str, int]:
-    """An independent solver: (answer text, instance length) read from the prompt text alone."""
+def solve(task: str, prompt: str, answer: str) -> tuple[str, int]:
+    """An independent solver: (answer text, instance length) read from the prompt text alone; for recall, whose
+    asker chooses the order of the keys, the keys are read from the answer (each key of the prompt once)."""
     w = prompt.split()
     if task in ("copy", "reverse"):
         assert w[:4] == [task.capitalize(), "the", "following", "words:"]
@@ -77,11 +79,13 @@ def solve(task: str, prompt: str) -> tuple[str, int]:
         terms = [int(x) for x in m.group(1).split(" + ")]
         return f"The answer is {sum(terms) % 10} .", len(terms)
     if task == "associative_recall":
-        m = re.fullmatch(r"Remember: ((?:[a-z]{2} \d )+)\. What is ([a-z]{2}) \?", prompt)
-        flat = m.group(1).split()
-        keys, values = flat[0::2], flat[1::2]
+        assert re.fullmatch(r"[a-z]{2} \d(?: [a-z]{2} \d)*", prompt)
+        keys, values = w[0::2], w[1::2]
         assert len(set(keys)) == len(keys)  # unambiguous
-        return f"The answer is {dict(zip(keys, values, strict=True))[m.group(2)]} .", len(keys)
+        asked = answer.split()[0::2]
+        assert sorted(asked) == sorted(keys)  # every key once
+        value = dict(zip(keys, values, strict=True))
+        return " ".join(f"{k} {value[k]}" for k in asked), len(keys)
     raise AssertionError(task)
 
 
@@ -91,19 +95,36 @@ def test_answers_match_an_independent_solver_at_every_length(task):
     top = 4 * T.TASKS[task].default_max_len
     for length in [*range(1, 12), *rng.integers(1, top + 1, size=100)]:
         prompt, answer = T.sample(task, int(length), rng)
-        assert solve(task, prompt) == (answer, length), (prompt, answer)
+        assert solve(task, prompt, answer) == (answer, length), (prompt, answer)
 
 
 def test_generated_lengths_fill_their_range_and_match_the_text():
-    for task in T.TASKS:
+    for task, spec in T.TASKS.items():
         ex = T.generate(task, 400, 5, 9, seed=0, stream=(7,))
         assert set(ex.lengths.tolist()) == set(range(5, 10)), task
         vocab = T.vocabulary(task)
         for i in range(20):
             words = [vocab[t] for t in ex.example(i)]
-            p = int(ex.prompt_lens[i])
-            assert words[p - 1] == T.SEP_TOKEN and words[-1] == T.EOD_TOKEN  # prompt <sep> answer <eod>
-            assert solve(task, " ".join(words[: p - 1])) == (" ".join(words[p:-1]), ex.lengths[i])
+            p, sep = int(ex.prompt_lens[i]), int(spec.separator)
+            assert words[-1] == T.EOD_TOKEN and (words[p - 1] == T.SEP_TOKEN) == spec.separator  # prompt <sep> answer
+            prompt, answer = " ".join(words[: p - sep]), " ".join(words[p:-1])
+            assert solve(task, prompt, answer) == (answer, ex.lengths[i])
+
+
+def test_scored_tokens_are_the_answer_and_end_or_recalls_values_only():
+    for task, spec in T.TASKS.items():
+        ex = T.generate(task, 50, 1, 9, seed=0, stream=(7,))
+        assert ex.scored.shape == ex.tokens.shape and ex.scored.dtype == bool
+        for i in range(len(ex)):
+            s, e, p = int(ex.offsets[i]), int(ex.offsets[i + 1]), int(ex.prompt_lens[i])
+            marks = ex.scored[s:e]
+            assert not marks[:p].any()  # never the prompt (nor its separator)
+            if task == "associative_recall":  # the values (every second answer word), not the keys nor the end
+                assert marks.nonzero()[0].tolist() == list(range(p + 1, e - s - 1, 2))
+                assert all(T.vocabulary(task)[t] in T.DIGITS for t in ex.example(i)[marks])
+                assert int(marks.sum()) == ex.lengths[i]
+            else:
+                assert marks[p:].all() and not spec.given
 
 
 def test_length_bins_reach_mult_times_L():
@@ -141,7 +162,8 @@ def test_tokenizer_is_the_tasks_word_level_vocabulary(task):
     for i in range(len(ex)):
         ids, p = ex.example(i).tolist(), int(ex.prompt_lens[i])
         prompt, answer = tok.decode(ids[:p]), tok.decode(ids[p:])  # the specials dropped
-        assert tok.encode(f"{prompt} <sep> {answer}").ids + [T.EOD_ID] == ids  # the generator's ids are the tokenizer's
+        sep = " <sep> " if T.TASKS[task].separator else " "
+        assert tok.encode(f"{prompt}{sep}{answer}").ids + [T.EOD_ID] == ids  # the generator's ids are the tokenizer's
         assert T.UNK_ID not in ids
 
 
@@ -174,12 +196,25 @@ def test_prepare_generates_in_memory_deterministically_and_writes_nothing(tmp_pa
         s = a.splits[split]
         assert np.array_equal(s.tokens, b.splits[split].tokens) and s.n_docs == n and s.pad_id == T.PAD_ID
         assert s.meta["lengths"] == [1, top] and len(s.prompt_lens) == n
-        lengths = [solve("reverse", a.tokenizer.decode(s.doc(i)[: s.prompt_lens[i]].tolist()))[1] for i in range(n)]
+        lengths = [solve("reverse", a.tokenizer.decode(s.doc(i)[: s.prompt_lens[i]].tolist()), "")[1]
+                   for i in range(n)]
         assert 1 <= min(lengths) and max(lengths) <= top
     assert max(lengths) > 6  # the test split reaches past L
+    assert all(np.array_equal(s.scored, b.splits[n].scored) for n, s in a.splits.items())
     train_ = a.splits["train"].tokens
     other = prepare(DataConfig(name="task", task="reverse", task_max_len=6, task_train_size=300, task_seed=1))
     assert not np.array_equal(train_, other.splits["train"].tokens)
+
+
+def test_recall_trains_and_validates_on_exactly_L_pairs_and_tests_from_one():
+    data = prepare(DataConfig(name="task", task="associative_recall", task_max_len=5, task_train_size=300,
+                              task_val_size=200))
+    for split, want in (("train", {5}), ("validation", {5}), ("test", set(range(1, 21)))):
+        s = data.splits[split]
+        pairs = [len(data.tokenizer.decode(s.doc(i)[: s.prompt_lens[i]].tolist()).split()) // 2
+                 for i in range(s.n_docs)]
+        assert set(pairs) == want and s.meta["lengths"] == [min(want), max(want)], split
+        assert int(s.scored.sum()) == sum(pairs)  # one value per pair asked
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,6 +336,40 @@ def test_score_task_is_exact_match_of_greedy_decoding(copy_run):
             assert fast.sum() == rows[0]["n_correct"]
 
 
+class RecallOracle(torch.nn.Module):
+    """A stand-in model that does associative recall by table look-up: after a key seen before it predicts the
+    token that followed that key's first place (``wrong_from``: from that many look-ups on, the value + 1), and
+    elsewhere the padding, which is never a token to produce."""
+
+    def __init__(self, wrong_from: int | None = None):
+        super().__init__()
+        vocab = T.vocabulary("associative_recall")
+        self.vocab_size, self.wrong_from = len(vocab), wrong_from
+        self.keys = {i for i, w in enumerate(vocab) if w in T.SYLLABLES}
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab_size)
+        logits[..., T.PAD_ID] = 1.0
+        for b, row in enumerate(x.tolist()):
+            first, asked = {}, 0
+            for t, tok in enumerate(row):
+                if tok in first and tok in self.keys:
+                    want = row[first[tok] + 1]
+                    if self.wrong_from is not None and asked >= self.wrong_from:
+                        want = want + 1 if want + 1 < self.vocab_size else want - 1
+                    logits[b, t, want], asked = 2.0, asked + 1
+                first.setdefault(tok, t)
+        return logits, None
+
+
+def test_recall_is_right_when_every_value_is_whatever_comes_after_them():
+    ex = bin_examples("associative_recall", 1, 6, 60, seed=0)
+    n_pairs = ex.meta["lengths"]
+    assert correct(RecallOracle(), ex, np.arange(60), "cpu").all()  # keys and the end are not the model's to say
+    third_wrong = correct(RecallOracle(wrong_from=2), ex, np.arange(60), "cpu")
+    assert np.array_equal(third_wrong, n_pairs <= 2)  # one wrong value of any number makes the example wrong
+
+
 def test_score_task_gives_na_past_a_learned_table_and_refuses_another_tasks_tokenizer():
     cfg = tiny_config("data=task", "pos=learned", "pos.max_len=32")
     cfg.model.vocab_size = len(T.vocabulary("copy"))
@@ -351,3 +420,11 @@ def test_evaluate_scores_a_task_checkpoint_by_exact_match_per_bin(tmp_path, caps
     assert "## Tasks: exact match" in md and "### parity: trained on 1-4 bits" in md and "| rope | 1 |" in md
     text = terminal_summary(res)
     assert "exact match of greedy decoding per instance-length bin" in text and "1-4" in text and "13-16" in text
+
+
+def test_task_tables_give_each_tasks_training_lengths_in_its_unit():
+    rows = [{"task": task, "variant": "rope", "seed": 0, "bin_lo": lo, "bin_hi": lo + 3, "train_len": 4, "value": v}
+            for task in ("copy", "associative_recall") for lo, v in ((1, 1.0), (5, 0.25))]
+    md = task_table({"tasks": rows}, markdown=True)
+    assert "### copy: trained on 1-4 words" in md and "### associative_recall: trained on 4 pairs" in md
+    assert md.count("| rope | 1 | 1.000 | 0.250 |") == 2

@@ -49,9 +49,11 @@ class TokenSplit:
     eod_id: int
     meta: dict = field(default_factory=dict)  # n_docs, n_bytes, n_words, n_tokens, source, ...
     # task examples (data=task) only: document i is a prompt (ending in a separator), an answer and EOD, its first
-    # prompt_lens[i] tokens the prompt (the loss is on the rest); pad_id fills their padded batches (ExampleSampler)
+    # prompt_lens[i] tokens the prompt; scored marks the tokens the loss and the score are on (the answer's, less
+    # any the asker supplies); pad_id fills their padded batches (ExampleSampler)
     prompt_lens: np.ndarray | None = None  # (n_docs,) int64
     pad_id: int | None = None
+    scored: np.ndarray | None = None  # (n_tokens,) bool
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -142,19 +144,21 @@ def task_data(cfg: DataConfig) -> PreparedData:
     """data=task: the task's tokenizer and its examples, generated in memory from ``data.task_seed`` (seconds; the
     same settings give the same tokens on every machine and rank, so there is nothing to cache or wait for).
 
-    train and validation draw instance lengths from 1..L, test from 1..mult x L (see roformer.data.tasks);
-    every split's documents are its examples, with their prompt lengths (`TokenSplit.prompt_lens`)."""
+    train and validation draw instance lengths from 1..L (a task with ``train_at_max``: exactly L), test from
+    1..mult x L (see roformer.data.tasks); every split's documents are its examples, with their prompt lengths and
+    scored tokens (`TokenSplit.prompt_lens`, `TokenSplit.scored`)."""
     tok = tasks.tokenizer(cfg.task, cfg.eod_token)
-    top = cfg.task_max_len * cfg.task_test_max_mult
-    plan = {"train": (cfg.task_train_size, cfg.task_max_len), "validation": (cfg.task_val_size, cfg.task_max_len),
-            "test": (cfg.task_val_size, top)}
+    L, top = cfg.task_max_len, cfg.task_max_len * cfg.task_test_max_mult
+    lo = L if tasks.TASKS[cfg.task].train_at_max else 1
+    plan = {"train": (cfg.task_train_size, lo, L), "validation": (cfg.task_val_size, lo, L),
+            "test": (cfg.task_val_size, 1, top)}
     splits = {}
-    for split, (n, hi) in plan.items():
-        ex = tasks.generate(cfg.task, n, 1, hi, cfg.task_seed, tasks.STREAMS[split])
+    for split, (n, lo, hi) in plan.items():
+        ex = tasks.generate(cfg.task, n, lo, hi, cfg.task_seed, tasks.STREAMS[split])
         meta = {"n_docs": len(ex), "n_tokens": len(ex.tokens), "n_bytes": ex.n_bytes,
-                "n_words": len(ex.tokens) - len(ex), "lengths": [1, hi]}
+                "n_words": len(ex.tokens) - len(ex), "lengths": [lo, hi]}
         splits[split] = TokenSplit(split, ex.tokens, ex.offsets, tasks.EOD_ID, meta, prompt_lens=ex.prompt_lens,
-                                   pad_id=tasks.PAD_ID)
+                                   pad_id=tasks.PAD_ID, scored=ex.scored)
     tok_json = toklib.to_json(tok)
     meta = {"name": TASK, "task": cfg.task, "unit": tasks.TASKS[cfg.task].unit,
             "tokenizer_hash": toklib.tokenizer_hash(tok), "vocab_size": tok.get_vocab_size(),

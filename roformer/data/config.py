@@ -84,9 +84,11 @@ class DataConfig:
     task_test_max_mult: int = 4
     """data=task: the test length bins 1..L, L+1..2L, ... reach this many times L."""
     task_train_size: int = 100_000
-    """data=task: training examples (lengths uniform in 1..L), sampled from at random like windows of a corpus."""
+    """data=task: training examples (lengths uniform in 1..L; associative_recall: all L, see roformer.data.tasks),
+    sampled from at random like windows of a corpus."""
     task_val_size: int = 500
-    """data=task: validation examples (lengths 1..L: the loss on their answers) and test examples (1..mult x L)."""
+    """data=task: validation examples (lengths as training: the loss on their answers) and test examples (1..mult x
+    L)."""
 
     def __post_init__(self):
         _choice("name", self.name, NAMES)

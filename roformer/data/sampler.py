@@ -90,20 +90,21 @@ IGNORE_INDEX = -100  # a target the loss skips (roformer.kernels.cross_entropy's
 
 
 def example_batch(split, idx: np.ndarray, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task examples ``idx`` of ``split`` (a TokenSplit with prompt_lens) as (x, y), both (len(idx), width) int64:
+    """Task examples ``idx`` of ``split`` (a TokenSplit of task examples) as (x, y), both (len(idx), width) int64:
     x the example without its last token, right-padded with the split's pad_id; y the next tokens where they are
-    the answer's (answer tokens and the final EOD), IGNORE_INDEX on the prompt and the padding. ``width``: the
-    longest example's length - 1 when None."""
-    offsets, lens = split.doc_offsets, split.prompt_lens
+    scored (``split.scored``: the answer's tokens and the final EOD, less any the asker supplies), IGNORE_INDEX on
+    the prompt, the supplied tokens and the padding. ``width``: the longest example's length - 1 when None."""
+    offsets = split.doc_offsets
     sizes = offsets[idx + 1] - offsets[idx]
     width = int(sizes.max()) - 1 if width is None else width
     x = np.full((len(idx), width), split.pad_id, dtype=np.int64)
     y = np.full((len(idx), width), IGNORE_INDEX, dtype=np.int64)
     for row, i in enumerate(idx):
-        ex = np.asarray(split.tokens[offsets[i] : offsets[i + 1]], dtype=np.int64)
-        n, p = len(ex), int(lens[i])
-        x[row, : n - 1] = ex[:-1]
-        y[row, p - 1 : n - 1] = ex[p:]  # position t predicts token t + 1: the first answer token from the prompt's last
+        s, e = int(offsets[i]), int(offsets[i + 1])
+        ex = np.asarray(split.tokens[s:e], dtype=np.int64)
+        x[row, : e - s - 1] = ex[:-1]
+        # position t predicts token t + 1: the first answer token from the prompt's last
+        y[row, : e - s - 1] = np.where(split.scored[s + 1 : e], ex[1:], IGNORE_INDEX)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -118,7 +119,7 @@ class ExampleSampler(_SeededSampler):
     """
 
     def __init__(self, split, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if split.prompt_lens is None:
+        if split.prompt_lens is None or split.scored is None:
             raise ValueError(f"the {split.name} split holds no task examples (no prompt lengths); use WindowSampler")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")

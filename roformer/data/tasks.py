@@ -2,8 +2,9 @@
 vocabulary, and the encoded examples that training, validation and scoring read.
 
 The tasks and their formats follow Kazemnejad et al. (2023), "The Impact of Positional Encoding on Length
-Generalization in Transformers", App. D.1, where the paper gives one; associative recall is ours. An example is a
-prompt and an answer, written as words separated by single spaces (one word = one token)::
+Generalization in Transformers", App. D.1, where the paper gives one; associative recall is ours, in the bare form
+of the multi-query associative recall of Arora et al. (2023, "Zoology"). An example is a prompt and an answer,
+written as words separated by single spaces (one word = one token)::
 
     copy                Copy the following words: ba ko mi           -> ba ko mi
     reverse             Reverse the following words: ba ko mi        -> mi ko ba
@@ -11,28 +12,37 @@ prompt and an answer, written as words separated by single spaces (one word = on
     sorting             Sort the following numbers: 42 7 19          -> The answer is 7 19 42 .
     parity              Is the number of 1's even in [ 1 0 0 1 1 ] ? -> The answer is No .
     summation           Compute: 3 + 5 + 9 ?                         -> The answer is 7 .
-    associative_recall  Remember: ba 3 ko 7 mi 1 . What is ko ?      -> The answer is 7 .
+    associative_recall  ba 3 ko 7 mi 1                               -> [ko] 7 [mi] 1 [ba] 3
 
 Conventions. Addition writes every number most significant digit first, as the paper's example does
 (53726 + 19177 = 72903); both operands have the instance's number of digits, with no leading zero (a one-digit
 operand may be 0), and the sum has no leading zero. Sorting's numbers are single tokens 0-99, drawn with
 replacement and sorted ascending. Summation is the sum of the digits mod 10. Parity answers whether the count of
-1s is even. Copy and reverse draw their words with replacement from 100 two-letter syllables (``ba`` .. ``zu``);
-associative recall draws its keys from the same syllables without replacement (so at most 100 pairs), its values
-from the digits, and asks for the value of one of its keys.
+1s is even. Copy and reverse draw their words with replacement from 100 two-letter syllables (``ba`` .. ``zu``).
+
+Associative recall writes n key-value pairs, keys drawn from the same syllables without replacement (so at most 100
+pairs) and values from the digits; the answer asks every key once, in a random order, each followed by its value.
+The keys in the answer (in brackets above) are the asker's: the model reads them but is neither trained nor scored
+on them (:attr:`Task.given`), so the answer is right when every value is. The form has no template word and no
+separator because one token that is the same in every example was enough to keep the tiny model from learning the
+lookup (it answered with any value of the example, 54-63% exact match; docs/generalization/README.md). For the same
+reason recall trains on instances of exactly L pairs (:attr:`Task.train_at_max`): with 1..L the one- and two-pair
+instances, answered by copying any value, stalled it as well. Its test bins still start at one pair.
 
 The instance length is counted in the task's own unit (:attr:`Task.unit`): words, digits per operand, numbers,
-bits, terms or pairs. Training instances have a length drawn uniformly from 1..L (``data.task_max_len``); test bins
-cover 1..L, L+1..2L, ... up to ``data.task_test_max_mult`` x L (:func:`length_bins`).
+bits, terms or pairs. Training instances have a length drawn uniformly from 1..L (``data.task_max_len``; recall:
+exactly L); test bins cover 1..L, L+1..2L, ... up to ``data.task_test_max_mult`` x L (:func:`length_bins`).
 
 Tokens: every task has its own vocabulary, the four specials first (:data:`PAD_ID` 0, :data:`EOD_ID` 1 the
 end-of-example token ``data.eod_token``, 2 ``<unk>``, :data:`SEP_ID` 3 ``<sep>``), then the template's words and
 the task's symbols in a fixed order; :func:`tokenizer` is the matching ``tokenizers`` WordLevel model (whitespace
 split, nothing trained). An encoded example is ``prompt + [SEP] + answer + [EOD]``: the separator marks where the
 answer starts, which the text formats leave implicit for copy, reverse and sorting (without it a model that copies
-by matching tokens runs on past the last word, and one cannot tell where to start copying). Its prompt part,
-whose length training and scoring use, is ``prompt + [SEP]``; the loss and the exact-match score are on
-``answer + [EOD]``. To prompt a task model with text, end the prompt with `` <sep>``.
+by matching tokens runs on past the last word, and one cannot tell where to start copying). Recall has no separator
+(:attr:`Task.separator`): its answer starts with the first key asked again. The prompt part, whose length training
+and scoring use, is ``prompt + [SEP]``; the loss and the exact-match score are on the tokens the model must produce
+(:attr:`Examples.scored`): ``answer + [EOD]``, or recall's values. To prompt a task model with text, end the prompt
+with `` <sep>`` (recall: with a key of the prompt).
 
 Randomness: :func:`generate` draws from ``numpy.random.default_rng([seed, *stream])``; the splits and the scored
 bins use distinct streams (:data:`STREAMS`), so they are reproducible from ``data.task_seed`` and never share a
@@ -78,6 +88,15 @@ class Task:
     """(rng, length) -> (prompt words, answer words)."""
     max_len: int | None = None
     """The longest instance the generator can make (associative recall: one key per pair); None: no limit."""
+    separator: bool = True
+    """Whether ``<sep>`` ends the prompt (recall: no, its first key asked again starts the answer)."""
+    given: frozenset[str] = frozenset()
+    """Answer words the asker supplies (recall: the keys): read by the model, neither trained nor scored on, and with
+    them the end of the example is the asker's too (its EOD is not scored either)."""
+    train_at_max: bool = False
+    """Training and validation instances all have length L, not 1..L (recall: see the module docstring)."""
+    default_steps: int = 1000
+    """trainer.max_steps of configs/data_preset/task.yaml's tiny run for this task (``${task_steps:...}``)."""
 
 
 def _pick(rng: np.random.Generator, symbols: tuple[str, ...], n: int) -> Words:
@@ -129,12 +148,10 @@ def _summation(rng, n):
 
 
 def _recall(rng, n):
-    keys = rng.choice(len(SYLLABLES), size=n, replace=False)
-    values = rng.integers(0, 10, size=n)
-    q = int(rng.integers(0, n))
-    pairs = [w for k, v in zip(keys, values, strict=True) for w in (SYLLABLES[k], DIGITS[v])]
-    return (["Remember:", *pairs, ".", "What", "is", SYLLABLES[keys[q]], "?"],
-            ["The", "answer", "is", DIGITS[values[q]], "."])
+    keys = [SYLLABLES[k] for k in rng.choice(len(SYLLABLES), size=n, replace=False)]
+    values = [DIGITS[v] for v in rng.integers(0, 10, size=n)]
+    pairs = [w for kv in zip(keys, values, strict=True) for w in kv]
+    return pairs, [w for q in rng.permutation(n) for w in (keys[q], values[q])]
 
 
 _ANSWER = ("The", "answer", "is", ".")
@@ -146,8 +163,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("parity", "bits", 5, ("Is", "the", "number", "of", "1's", "even", "in", "[", "]", "?", *_ANSWER, "Yes", "No",
                                "0", "1"), _parity),
     Task("summation", "terms", 4, ("Compute:", "+", "?", *_ANSWER, *DIGITS), _summation),
-    Task("associative_recall", "pairs", 4, ("Remember:", "What", "?", *_ANSWER, *SYLLABLES, *DIGITS), _recall,
-         max_len=len(SYLLABLES)),
+    Task("associative_recall", "pairs", 4, (*SYLLABLES, *DIGITS), _recall, max_len=len(SYLLABLES), separator=False,
+         given=frozenset(SYLLABLES), train_at_max=True, default_steps=3000),
 )}
 TASK_NAMES = tuple(TASKS)
 
@@ -185,12 +202,14 @@ def length_bins(max_len: int, mult: int) -> list[tuple[int, int]]:
 @dataclass
 class Examples:
     """Encoded examples: example i is ``tokens[offsets[i]:offsets[i + 1]]`` = prompt + [SEP] + answer + [EOD], its
-    first ``prompt_lens[i]`` tokens the prompt and the separator; ``lengths[i]`` is its instance length in the
-    task's unit."""
+    first ``prompt_lens[i]`` tokens the prompt and the separator (recall: no separator); ``scored`` marks the tokens
+    the model must produce, which the loss and the score are on; ``lengths[i]`` is its instance length in the task's
+    unit."""
 
     tokens: np.ndarray  # (n_tokens,) uint16
     offsets: np.ndarray  # (n + 1,) int64
     prompt_lens: np.ndarray  # (n,) int64
+    scored: np.ndarray  # (n_tokens,) bool: the answer's tokens and EOD, less the task's given words (and then EOD)
     lengths: np.ndarray  # (n,) int64
     n_bytes: int  # UTF-8 bytes of the texts "prompt answer"
 
@@ -212,13 +231,16 @@ def generate(task: str, n: int, lo: int, hi: int, seed: int, stream: tuple[int, 
     ids = {w: i for i, w in enumerate(vocabulary(task))}  # the end-of-example token's name changes no id
     rng = np.random.default_rng([seed, *stream])
     lengths = rng.integers(lo, hi + 1, size=n)
-    pieces, prompt_lens, n_bytes = [], np.empty(n, dtype=np.int64), 0
+    sep = [SEP_ID] if spec.separator else []
+    pieces, marks, prompt_lens, n_bytes = [], [], np.empty(n, dtype=np.int64), 0
     for i, length in enumerate(lengths):
         prompt, answer = spec.make(rng, int(length))
-        pieces.append([ids[w] for w in prompt] + [SEP_ID] + [ids[w] for w in answer] + [EOD_ID])
-        prompt_lens[i] = len(prompt) + 1
+        pieces.append([ids[w] for w in prompt] + sep + [ids[w] for w in answer] + [EOD_ID])
+        marks.append([False] * (len(prompt) + len(sep)) + [w not in spec.given for w in answer] + [not spec.given])
+        prompt_lens[i] = len(prompt) + len(sep)
         n_bytes += len(" ".join(prompt + answer).encode("utf-8"))
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=offsets[1:])
     tokens = np.fromiter((t for p in pieces for t in p), dtype=np.uint16, count=int(offsets[-1]))
-    return Examples(tokens, offsets, prompt_lens, lengths.astype(np.int64), n_bytes)
+    scored = np.fromiter((m for ms in marks for m in ms), dtype=bool, count=int(offsets[-1]))
+    return Examples(tokens, offsets, prompt_lens, scored, lengths.astype(np.int64), n_bytes)
