@@ -41,6 +41,8 @@ def test_the_check_runs_and_bad_input_fails_in_one_line(capsys):
     assert out.startswith("pos=alibi, 2 layers, d_model 128") and "not reached in 2 steps" in out
     assert "picking any value of the sequence scores 0.550" in out  # 1/2 + (1/2)(1/10): values repeat
     assert len([line for line in out.splitlines() if line.strip().split()[0].isdigit()]) == 2
+    by_query = out.splitlines()[-1]
+    assert by_query.startswith("held-out accuracy by query") and len(by_query.split(":")[1].split()) == 2
     for argv, message in ((["--queries", "3", "--pairs", "2"], "--queries=3 must be in 1..2"),
                           (["--", "model.d_modl=3"], "do not make a train.py config")):
         with pytest.raises(SystemExit) as e:
