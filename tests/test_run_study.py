@@ -179,14 +179,17 @@ def test_a_new_scheme_is_a_variant(monkeypatch):
 
 @pytest.mark.parametrize("preset", options("study"))
 def test_every_preset_loads_and_names_an_experiment_that_exists(preset):
-    assert options("study") == ["cpu", "extension", "generalization", "gpu", "quick", "zoo"]
+    assert options("study") == ["cpu", "extension", "generalization", "gpu", "quick", "recall", "zoo"]
     assert run_study.load_study(preset).preset.experiment in options("experiment")
+    if preset == "recall":  # recall alone, apart from the paper's five tasks (its own ranking)
+        recall = run_study.load_study(preset).preset
+        assert (recall.tasks, recall.task_overrides, recall.schemes_only) == (["associative_recall"], {}, True)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--variants", "rope,rotary"], "error: --variants: unknown ['rotary']; choose from ['rope', 'sinusoidal', "),
     (["--preset", "tpu"], "error: argument --preset: invalid choice: 'tpu' (choose from 'cpu', 'extension', "
-                          "'generalization', 'gpu', 'quick', 'zoo')"),
+                          "'generalization', 'gpu', 'quick', 'recall', 'zoo')"),
     (["--preset", "generalization", "--tasks", "copy,lego"], "error: --tasks: ['lego'] are not tasks of --preset "
                                                               "generalization; choose from ['copy', "),
     (["--jobs", "0"], "error: --jobs 0: run at least 1 training run at once"),
