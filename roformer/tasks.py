@@ -11,14 +11,13 @@ config has ``name == "task"``; its ``data.task``, ``data.task_seed``, ``data.tas
 
 An answer is right when greedy decoding after the prompt produces exactly its tokens and then the end-of-example
 token; for associative recall, whose asker supplies the keys (``Task.given``), when greedy decoding after each key
-asked gives its value. That is computed in one teacher-forced forward per batch: greedy decoding reproduces the answer
-exactly when, at every scored position (``TokenSplit.scored``), the argmax of the logits after the true prefix is the
-true next token (by induction over the positions: while the output so far is right, the next greedy token is the
-argmax after the true prefix). So the
-score is greedy decoding's, with no decoding loop, every example starting at position 0 as in
-:func:`roformer.generation.generate` (tests/test_tasks.py checks the two agree). Examples are right-padded in a
-batch; the model is causal, so padding after an example changes nothing before it. (Randomized positions,
-``pos.randomized_max``, are drawn per padded width, as training draws them.)
+asked gives its value. That is computed in one teacher-forced forward per batch: greedy decoding reproduces the
+answer exactly when, at every scored position (``TokenSplit.scored``), the argmax of the logits after the true
+prefix is the true next token (by induction over the positions: while the output so far is right, the next greedy
+token is the argmax after the true prefix). So the score is greedy decoding's, with no decoding loop, every example
+starting at position 0 as in :func:`roformer.generation.generate` (tests/test_tasks.py checks the two agree).
+Examples are right-padded in a batch; the model is causal, so padding after an example changes nothing before it.
+(Randomized positions, ``pos.randomized_max``, are drawn per padded width, as training draws them.)
 """
 
 from __future__ import annotations
