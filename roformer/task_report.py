@@ -11,7 +11,8 @@ tied schemes sharing the better rank; a scheme's score in that scenario is 1 / i
 over scenarios. The in-distribution bin is not a scenario: it measures learning, not generalization. The paper
 tests lengths up to 2 L, so the MRR set beside its Fig. 1 ranks the bin L+1..2L of each task; the MRR over every
 bin (to 4 L) follows. The paper's Fig. 1 ranks five schemes among themselves, so :data:`PAPER_MRR`'s are set beside
-ours ranked among those five only; the ranking of every scheme follows.
+ours ranked among those five only, when the study has at least one of the paper's tasks (:data:`PAPER_TASKS`;
+associative recall is ours); the ranking of every scheme follows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from roformer.data.tasks import TASKS
 from roformer.files import atomic_write
 from roformer.reporting import new_figure, save_fig
 from roformer.result_rows import row_family, task_values
@@ -32,6 +34,7 @@ from roformer.result_rows import row_family, task_values
 PAPER_MRR = {"nope": 0.69, "t5": 0.55, "alibi": 0.50, "rope": 0.33, "sinusoidal": 0.22}
 PAPER_NAME = {"nope": "NoPE", "t5": "T5's relative bias", "alibi": "ALiBi", "rope": "Rotary", "sinusoidal": "APE"}
 PAPER_MULT = 2  # the paper tests lengths up to 2 L (its §3): the scenarios its MRR ranks
+PAPER_TASKS = ("copy", "reverse", "addition", "sorting", "parity", "summation")  # ours among its 10 (App. D.1)
 IN_DISTRIBUTION = 0.9  # the accuracy in distribution that counts as having learned the task
 PLOT = "task_accuracy.png"
 TASK_CSV = "task_accuracy.csv"
@@ -107,7 +110,8 @@ def accuracy_tables(rows: list[dict]) -> list[str]:
         fams.sort(key=lambda f: -np.mean([_mean(acc.get((task, f, b), [0.0])) for b in bins[1:]] or [0.0]))
         seeds = {f: len(acc.get((task, f, bins[0]), [])) for f in fams}
         learned, n = learned_count(rows, task)
-        head = ["scheme", "seeds", *(f"{lo}–{hi}" + (" (train)" if i == 0 else "") for i, (lo, hi) in
+        at = _trained_at(task, bins[0])
+        head = ["scheme", "seeds", *(f"{lo}–{hi}" + (f" ({at})" if i == 0 else "") for i, (lo, hi) in
                                       enumerate(bins))]
         out += [f"### {task}", "",
                 f"{learned} of {n} schemes reach {IN_DISTRIBUTION:.0%} in distribution (the first bin).", "",
@@ -116,6 +120,12 @@ def accuracy_tables(rows: list[dict]) -> list[str]:
                 for f in fams]
         out.append("")
     return out
+
+
+def _trained_at(task: str, first: Bin) -> str:
+    """How the first bin was trained: ``train`` (lengths 1..L), or ``trained at L`` for a task whose training
+    instances all have length L (associative recall)."""
+    return f"trained at {first[1]}" if task in TASKS and TASKS[task].train_at_max else "train"
 
 
 def _order(score: dict[str, float], families: list[str]) -> str:
@@ -136,7 +146,9 @@ def mrr_tables(rows: list[dict]) -> list[str]:
     out = [f"Scenarios: each task's test bins beyond L. Up to {PAPER_MULT} L, as far as the paper tests: {n_near} "
            f"({len(tasks_of(rows))} tasks); up to the last bin: {n_all}. Far beyond L most scenarios are at zero or "
            "at chance for every scheme, so their ranks are mostly noise.", ""]
-    if five:
+    if five and not set(tasks_of(rows)) & set(PAPER_TASKS):
+        out += ["Kazemnejad et al.'s Fig. 1 is not set beside: none of this study's tasks is one of theirs.", ""]
+    elif five:
         near, far = mean_reciprocal_rank(rows, five, PAPER_MULT), mean_reciprocal_rank(rows, five)
         out += [f"| scheme | paper (Fig. 1, 10 tasks, up to 2 L) | ours, up to {PAPER_MULT} L | ours, every bin |",
                 "|---|---|---|---|"]
@@ -191,9 +203,11 @@ def task_markdown(results: dict, header: list[str], plot: str | None = PLOT) -> 
     ck = results["checkpoints"][0]
     model, data = ck["config"]["model"], ck["data"]
     steps = sorted({c.get("step") for c in results["checkpoints"] if c.get("step")})
+    at_l = [t for t in tasks_of(rows) if t in TASKS and TASKS[t].train_at_max]
+    lengths = "1..L" + (f" ({', '.join(at_l)}: exactly L)" if at_l else "")
     out = ["# Length generalization on algorithmic tasks", "", *header,
            f"Every cell: [{TASK_CSV}]({TASK_CSV}).", "",
-           f"Each scheme is trained on every task with instance lengths 1..L and scored by exact match of greedy "
+           f"Each scheme is trained on every task with instance lengths {lengths} and scored by exact match of greedy "
            f"decoding on {results['settings'].get('task_examples')} examples per bin of lengths up to "
            f"{data.get('task_test_max_mult')} L (the task's own unit); model {model.get('n_layer')} layers, d_model "
            f"{model.get('d_model')}, {model.get('n_head')} heads; {', '.join(map(str, steps))} steps. Accuracy in %, "

@@ -87,3 +87,19 @@ def test_write_report_of_a_task_study(tmp_path):
     assert f"| NoPE (nope) | {PAPER_MRR['nope']:.2f} | 0.75 | 0.83 |" in text
     assert f"| Rotary (rope) | {PAPER_MRR['rope']:.2f} | 0.67 | 0.67 |" in text
     assert "Paper's order: NoPE > ALiBi > Rotary. Ours up to 2 L: NoPE = ALiBi > Rotary." in text
+
+
+def test_a_recall_only_study_is_not_set_beside_the_paper_and_says_it_trains_at_L(tmp_path):
+    acc = {("associative_recall", f): [(v, 0.1, 0.0, 0.0)] for f, v in (("rope", 1.0), ("nope", 0.3))}
+    (tmp_path / "eval").mkdir()
+    ck = {"config": {"model": {"n_layer": 2, "d_model": 128, "n_head": 4}}, "data": {"task_test_max_mult": 4},
+          "step": 3000}
+    results = {"settings": {"task_examples": 200}, "checkpoints": [ck], "results": [], "probes": [],
+               "tasks": rows(acc)}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "none of this study's tasks is one of theirs" in text and "Paper's order" not in text
+    assert "| NoPE (nope) | " not in text and "| rope | 1.00 | 1.00 |" in text  # every scheme's ranking stays
+    assert "instance lengths 1..L (associative_recall: exactly L)" in text
+    assert "| scheme | seeds | 1–5 (trained at 5) | 6–10 | 11–15 | 16–20 |" in text
+    assert "1–5 (train)" in "\n".join(accuracy_tables(rows()))  # tasks trained on 1..L keep the short label
