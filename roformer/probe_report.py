@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from roformer.data.tasks import TASKS
+from roformer.data.tasks import TASKS, train_lengths
 from roformer.result_rows import task_values
 
 ABOUT = {
@@ -157,9 +157,11 @@ def task_table(results: dict, markdown: bool) -> str:
         mine = [r for r in rows if r["task"] == task]
         bins = sorted({(r["bin_lo"], r["bin_hi"]) for r in mine})
         variants = list(dict.fromkeys(r["variant"] for r in mine))
-        at_max = task in TASKS and TASKS[task].train_at_max  # recall trains on exactly L
-        trained = ", ".join(f"{n}" if at_max else f"1-{n}" for n in sorted({r["train_len"] for r in mine}))
-        caption = f"{task}: trained on {trained} {TASKS[task].unit}" if task in TASKS else task
+        caption = task
+        if task in TASKS:  # each L as its training lengths: 1-L, or L alone (recall)
+            spans = (train_lengths(task, n) for n in sorted({r["train_len"] for r in mine}))
+            trained = ", ".join(f"{lo}-{hi}" if lo == 1 else f"{hi}" for lo, hi in spans)
+            caption = f"{task}: trained on {trained} {TASKS[task].unit}"
         head = ["variant", "seeds", *(f"{lo}-{hi}" for lo, hi in bins)]
         table = [head] + [[v, str(len({r["seed"] for r in mine if r["variant"] == v})),
                            *(cell(by.get((task, v, b))) for b in bins)] for v in variants]

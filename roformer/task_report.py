@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from roformer.data.tasks import TASKS
+from roformer.data.tasks import TASKS, train_lengths
 from roformer.files import atomic_write
 from roformer.reporting import new_figure, save_fig
 from roformer.result_rows import row_family, task_values
@@ -125,7 +125,8 @@ def accuracy_tables(rows: list[dict]) -> list[str]:
 def _trained_at(task: str, first: Bin) -> str:
     """How the first bin was trained: ``train`` (lengths 1..L), or ``trained at L`` for a task whose training
     instances all have length L (associative recall)."""
-    return f"trained at {first[1]}" if task in TASKS and TASKS[task].train_at_max else "train"
+    lo, hi = train_lengths(task, first[1]) if task in TASKS else first
+    return "train" if lo == 1 else f"trained at {hi}"
 
 
 def _order(score: dict[str, float], families: list[str]) -> str:

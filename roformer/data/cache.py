@@ -148,10 +148,9 @@ def task_data(cfg: DataConfig) -> PreparedData:
     1..mult x L (see roformer.data.tasks); every split's documents are its examples, with their prompt lengths and
     scored tokens (`TokenSplit.prompt_lens`, `TokenSplit.scored`)."""
     tok = tasks.tokenizer(cfg.task, cfg.eod_token)
-    L, top = cfg.task_max_len, cfg.task_max_len * cfg.task_test_max_mult
-    lo = L if tasks.TASKS[cfg.task].train_at_max else 1
-    plan = {"train": (cfg.task_train_size, lo, L), "validation": (cfg.task_val_size, lo, L),
-            "test": (cfg.task_val_size, 1, top)}
+    trained = tasks.train_lengths(cfg.task, cfg.task_max_len)
+    plan = {"train": (cfg.task_train_size, *trained), "validation": (cfg.task_val_size, *trained),
+            "test": (cfg.task_val_size, 1, cfg.task_max_len * cfg.task_test_max_mult)}
     splits = {}
     for split, (n, lo, hi) in plan.items():
         ex = tasks.generate(cfg.task, n, lo, hi, cfg.task_seed, tasks.STREAMS[split])

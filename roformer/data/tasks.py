@@ -194,6 +194,12 @@ def sample(task: str, length: int, rng: np.random.Generator) -> tuple[str, str]:
     return " ".join(prompt), " ".join(answer)
 
 
+def train_lengths(task: str, max_len: int) -> tuple[int, int]:
+    """(lo, hi): the instance lengths training and validation draw from, 1..L, or L..L for a task that trains at L
+    only (:attr:`Task.train_at_max`)."""
+    return (max_len if TASKS[task].train_at_max else 1), max_len
+
+
 def length_bins(max_len: int, mult: int) -> list[tuple[int, int]]:
     """The test bins of instance lengths: (1, L), (L + 1, 2L), ..., ((mult - 1) L + 1, mult L)."""
     return [(1 if i == 0 else i * max_len + 1, (i + 1) * max_len) for i in range(mult)]
